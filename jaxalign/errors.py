@@ -1,0 +1,25 @@
+"""Exceptions that say what is wrong and what to do about it."""
+
+
+class JaxalignError(Exception):
+    """Base class of jaxalign's user-facing errors."""
+
+
+class UnsupportedModelError(JaxalignError, ValueError):
+    """A checkpoint uses a model family or feature jaxalign does not implement."""
+
+
+class CheckpointError(JaxalignError, ValueError):
+    """A model directory or checkpoint is missing, incomplete or corrupt."""
+
+
+class ShardingError(JaxalignError, ValueError):
+    """A mesh or sharding rule does not fit the devices or the parameter shapes."""
+
+
+class ConfigError(JaxalignError, ValueError):
+    """A configuration key or value is invalid."""
+
+
+class DataError(JaxalignError, ValueError):
+    """A dataset is missing, empty or lacks the columns its format needs."""

@@ -1,0 +1,162 @@
+"""`ja.Model` (config + params) and `ja.load_model` for Hugging Face checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, SingleDeviceSharding
+
+from jaxalign.errors import ShardingError
+from jaxalign.models import hf
+from jaxalign.models.config import ModelConfig, from_hf_dict, to_hf_dict
+from jaxalign.models.llama import hidden_states, init_params, unembed
+from jaxalign.nn.seams import dense, is_weight_type
+from jaxalign.parallel.rules import batch_sharding, named_shardings
+
+_DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+           "float16": "float16", "fp16": "float16"}
+
+
+def canonical_dtype(dtype) -> str:
+    """'bf16' / jnp.bfloat16 / 'bfloat16' -> 'bfloat16' (and the same for f32, f16)."""
+    name = jnp.dtype(dtype).name if not isinstance(dtype, str) else dtype
+    if name not in _DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
+    return _DTYPES[name]
+
+
+def positions_from_mask(attention_mask):
+    """Positions [B, T] counting real tokens only (left padding starts at 0 after the pads)."""
+    return jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0).astype(jnp.int32)
+
+
+def _forward_logits(params, input_ids, attention_mask, config):
+    mask = attention_mask.astype(jnp.int32)
+    h = hidden_states(params, config, input_ids, positions_from_mask(mask), mask)
+    return unembed(params, h, config).astype(jnp.float32)
+
+
+_logits = jax.jit(_forward_logits, static_argnames=("config",))
+
+
+@functools.lru_cache(maxsize=32)
+def _sharded_logits_fn(config: ModelConfig, mesh: Mesh, param_shardings_key):
+    param_shardings = param_shardings_key.tree
+    data = batch_sharding(mesh, 2)
+    out = batch_sharding(mesh, 3)
+
+    def fn(params, input_ids, attention_mask):
+        return _forward_logits(params, input_ids, attention_mask, config)
+
+    return jax.jit(fn, in_shardings=(param_shardings, data, data), out_shardings=out)
+
+
+@dataclasses.dataclass(frozen=True)
+class _TreeKey:
+    """Hashable wrapper of a tree of shardings (for caching jitted functions)."""
+
+    tree: Any
+
+    def __hash__(self):
+        leaves, treedef = jax.tree_util.tree_flatten(self.tree)
+        return hash((treedef, tuple(leaves)))
+
+    def __eq__(self, other):
+        return isinstance(other, _TreeKey) and hash(self) == hash(other)
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """A causal LM: `config` (ModelConfig) and `params` (nested dict of arrays / weight types).
+
+    `mesh` is the device mesh the params are sharded over (None: one device).
+    """
+
+    config: ModelConfig
+    params: Any
+    mesh: Mesh | None = None
+
+    def logits(self, input_ids, attention_mask=None):
+        """Logits [B, T, V] (f32) for ids [B, T]; mask [B, T] is 1 on real tokens.
+
+        Left or right padding: positions count real tokens only, pads are never attended.
+        """
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        attention_mask = jnp.asarray(attention_mask, jnp.int32)
+        if self.mesh is None:
+            return _logits(self.params, input_ids, attention_mask, self.config)
+        data = batch_sharding(self.mesh, 2)
+        n = int(np.prod([self.mesh.shape[a] for a in data.spec[0]]))
+        if input_ids.shape[0] % n:
+            raise ShardingError(
+                f"batch size {input_ids.shape[0]} is not divisible by the mesh's data x fsdp size {n}; "
+                "pad the batch to a multiple of it"
+            )
+        shardings = jax.tree.map(lambda x: x.sharding, self.params)
+        fn = _sharded_logits_fn(self.config, self.mesh, _TreeKey(shardings))
+        return fn(self.params, input_ids, attention_mask)
+
+    def hidden_states(self, input_ids, positions, segment_ids):
+        """Final hidden states [B, T, D]; see `jaxalign.models.llama.hidden_states`."""
+        return hidden_states(self.params, self.config, input_ids, positions, segment_ids)
+
+    def num_params(self) -> int:
+        return self.config.num_params()
+
+    def save_pretrained(self, out_dir: str, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Write config.json + safetensors that transformers' AutoModelForCausalLM loads.
+
+        LoRA adapters are merged and quantized weights dequantized on the way out.
+        """
+        params = jax.tree.map(dense, self.params, is_leaf=is_weight_type)
+        dtype = canonical_dtype(dtype or self.config.param_dtype)
+        hf.save_params(params, out_dir, self.config.num_hidden_layers, dtype=jnp.dtype(dtype),
+                       max_shard_bytes=max_shard_bytes)
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(to_hf_dict(self.config, torch_dtype=dtype), f, indent=2)
+
+
+def _shardings(abstract, mesh: Mesh | None, rules=None):
+    if mesh is None:
+        device = SingleDeviceSharding(jax.devices()[0])
+        return jax.tree.map(lambda _: device, abstract)
+    return named_shardings(abstract, mesh, rules)
+
+
+def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None, rules=None,
+               **config_overrides) -> Model:
+    """Load an HF checkpoint directory (config.json + safetensors) as a `Model`.
+
+    dtype: the params' dtype (default: the checkpoint's declared dtype, else float32).
+    compute_dtype: activation dtype (default: dtype). mesh: shard each tensor straight
+    into its devices per the sharding rules. Extra keyword arguments override ModelConfig
+    fields (e.g. remat="full", attention_impl="cudnn").
+    """
+    d = hf.read_config(path)
+    declared = d.get("dtype") or d.get("torch_dtype") or "float32"
+    dtype = canonical_dtype(dtype or declared)
+    config = from_hf_dict(d, param_dtype=dtype, dtype=canonical_dtype(compute_dtype or dtype), **config_overrides)
+    abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    params = hf.load_params(path, abstract, _shardings(abstract, mesh, rules), config.num_hidden_layers,
+                            config.tie_word_embeddings)
+    return Model(config, params, mesh)
+
+
+def init_model(config: ModelConfig, rng, mesh: Mesh | None = None, rules=None) -> Model:
+    """A randomly initialized Model, created directly in its shards."""
+    abstract = jax.eval_shape(lambda: init_params(config, rng))
+    shardings = _shardings(abstract, mesh, rules)
+    params = jax.jit(init_params, static_argnums=0, out_shardings=shardings)(config, rng)
+    return Model(config, params, mesh)
+
+
+__all__ = ["Model", "canonical_dtype", "init_model", "load_model", "positions_from_mask"]
