@@ -1,7 +1,9 @@
 """jaxalign: alignment (SFT, reward models, DPO, PPO, RLAIF) for causal LMs in JAX."""
 
+from jaxalign.sampling import GenerationOutput, generate
 from jaxalign.models import Model, ModelConfig, init_model, load_model
 from jaxalign.parallel import MeshConfig, make_mesh
+from jaxalign.peft import lora, quant
 
 __version__ = "0.1.0"
-__all__ = ["MeshConfig", "Model", "ModelConfig", "init_model", "load_model", "make_mesh"]
+__all__ = ["GenerationOutput", "generate", "MeshConfig", "Model", "ModelConfig", "init_model", "load_model", "lora", "make_mesh", "quant"]

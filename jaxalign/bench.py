@@ -1,4 +1,4 @@
-"""Throughput benchmarks: `jaxalign bench forward` (and more as trainers land).
+"""Throughput benchmarks: `jaxalign bench forward` and `jaxalign bench sft`.
 
 Every benchmark prints jaxalign's numbers next to a reference measured in the same run
 (PyTorch + transformers on the same weights), so the ratio is what to read.
@@ -96,6 +96,109 @@ def bench_forward(batch: int, seq: int, iters: int, with_torch: bool, checkpoint
     return result
 
 
+def train_flops_per_token(config, seq: int) -> float:
+    """Training FLOPs per token: 6 N (matmul params, embeddings excluded) + 12 L H hd T
+    (attention scores and values, forward + backward, no causal discount), as in PaLM/MaxText."""
+    n = config.num_params() - config.vocab_size * config.hidden_size * (1 if not config.tie_word_embeddings else 0)
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq
+    return 6 * n + attention
+
+
+def peak_memory_bytes() -> int:
+    """Peak device memory where the backend reports it (GPU/TPU), else the process's peak RSS."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return int(stats["peak_bytes_in_use"])
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def bench_sft(batch: int, seq: int, iters: int, with_trl: bool, compute_dtype: str, peak_tflops: float | None,
+              checkpoint: str | None = None, remat: str = "none") -> dict:
+    """SFT train-step throughput of jaxalign's jitted step vs TRL's SFTTrainer, same model and batch."""
+    import jax.numpy as jnp
+
+    import jaxalign as ja
+    from jaxalign.algos.sft import sft_sums
+    from jaxalign.config import OptimSection
+    from jaxalign.train.optim import make_optimizer
+    from jaxalign.train.step import init_state, make_train_step
+
+    tmp = None
+    if checkpoint is None:
+        tmp = tempfile.TemporaryDirectory()
+        checkpoint = make_bench_checkpoint(tmp.name)
+    model = ja.load_model(checkpoint, dtype="float32", compute_dtype=compute_dtype, remat=remat)
+    config = model.config
+    optimizer, schedule = make_optimizer(OptimSection(learning_rate=1e-5), 1000)
+    loss_fn = lambda p, b, r: sft_sums(p, config, b)  # noqa: E731
+    step = jax.jit(make_train_step(loss_fn, optimizer, schedule, lambda p, _: p), donate_argnums=0)
+    state = init_state(model.params, optimizer, 0)
+    ids = np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)).astype(np.int32)
+    data = {"input_ids": ids, "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
+            "segment_ids": np.ones_like(ids), "loss_mask": np.ones_like(ids)}
+    data = jax.tree.map(jnp.asarray, data)
+    holder = {"state": state}
+
+    def run_step():
+        holder["state"], metrics = step(holder["state"], None, data)
+        jax.block_until_ready(metrics["loss"])
+
+    compile_s, step_s = _time(run_step, warmup=2, iters=iters)
+    tokens_per_s = batch * seq / step_s
+    flops = train_flops_per_token(config, seq)
+    result = {
+        "benchmark": "sft", "device": jax.devices()[0].device_kind, "params": config.num_params(),
+        "compute_dtype": compute_dtype, "batch": batch, "seq": seq, "compile_s": round(compile_s, 2),
+        "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
+        "model_tflops_per_s": round(tokens_per_s * flops / 1e12, 4), "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3),
+    }
+    if peak_tflops:
+        result["mfu"] = round(tokens_per_s * flops / (peak_tflops * 1e12), 4)
+    del holder, state
+    if with_trl:
+        result.update(_trl_sft_tokens_per_s(checkpoint, ids, iters))
+        result["speedup_vs_trl"] = round(result["tokens_per_s"] / result["trl_tokens_per_s"], 2)
+    if tmp is not None:
+        tmp.cleanup()
+    return result
+
+
+def _trl_sft_tokens_per_s(checkpoint: str, ids: np.ndarray, iters: int) -> dict:
+    """TRL SFTTrainer (PyTorch, fp32) on the same checkpoint and token batch; timed per step."""
+    import datasets
+    import torch
+    import transformers
+    from tokenizers import Tokenizer, models
+    from trl import SFTConfig, SFTTrainer
+
+    batch, seq = ids.shape
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>")),
+                                               pad_token="<pad>", eos_token="<unk>")
+    rows = [{"input_ids": list(map(int, r))} for r in ids] * (2 + iters)
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    times: list[float] = []
+
+    class Timer(transformers.TrainerCallback):
+        def on_step_begin(self, *a, **k):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, *a, **k):
+            times.append(time.perf_counter() - self.t0)
+
+    with tempfile.TemporaryDirectory() as out:
+        args = SFTConfig(output_dir=out, per_device_train_batch_size=batch, max_length=seq, max_steps=2 + iters,
+                         learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
+                         dataloader_num_workers=0, packing=False, bf16=False, fp16=False, disable_tqdm=True)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
+                             processing_class=tok, callbacks=[Timer()])
+        trainer.train()
+    step_s = float(np.mean(times[2:]))
+    return {"trl_step_s": round(step_s, 4), "trl_tokens_per_s": round(batch * seq / step_s, 1),
+            "torch_threads": torch.get_num_threads()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     sub = parser.add_subparsers(dest="which", required=True)
     fwd = sub.add_parser("forward", help="load time and forward tokens/s vs transformers")
@@ -105,11 +208,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     fwd.add_argument("--checkpoint", default=None, help="HF model dir (default: random 56M Llama)")
     fwd.add_argument("--no-torch", action="store_true", help="skip the transformers reference")
     fwd.add_argument("--out", default=None, help="append the JSON result to this file")
+    sft = sub.add_parser("sft", help="SFT train-step tokens/s, MFU, memory vs TRL's SFTTrainer")
+    sft.add_argument("--batch", type=int, default=8)
+    sft.add_argument("--seq", type=int, default=256)
+    sft.add_argument("--iters", type=int, default=5)
+    sft.add_argument("--checkpoint", default=None, help="HF model dir (default: random 56M Llama)")
+    sft.add_argument("--compute-dtype", default="float32", choices=["float32", "bfloat16"])
+    sft.add_argument("--remat", default="none", choices=["none", "full", "dots", "dots_no_batch"])
+    sft.add_argument("--peak-tflops", type=float, default=None, help="chip peak for MFU (H100 bf16 dense: 989)")
+    sft.add_argument("--no-trl", action="store_true", help="skip TRL's SFTTrainer reference")
+    sft.add_argument("--out", default=None, help="append the JSON result to this file")
 
 
 def run(args: argparse.Namespace) -> dict:
     if args.which == "forward":
         result = bench_forward(args.batch, args.seq, args.iters, not args.no_torch, args.checkpoint)
+    elif args.which == "sft":
+        result = bench_sft(args.batch, args.seq, args.iters, not args.no_trl, args.compute_dtype, args.peak_tflops,
+                           args.checkpoint, args.remat)
     else:
         raise SystemExit(f"unknown benchmark {args.which!r}")
     line = json.dumps(result)

@@ -1,29 +1,55 @@
-"""The `jaxalign` command."""
+"""The `jaxalign` command: train, generate, bench, plot."""
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
+
+
+def _train(args) -> None:
+    from jaxalign.config import load_config
+    from jaxalign.train.loop import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg)
+    shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float) and (k.startswith("eval/") or k == "loss")}
+    print(f"done: {cfg.output_dir} {shown}")
+
+
+def _plot(args) -> None:
+    from jaxalign.plot import plot_run
+
+    print(plot_run(args.run_dir, args.out))
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxalign", description="Align causal LMs with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from jaxalign import bench
+    p = sub.add_parser("train", help="train with a YAML config: jaxalign train CONFIG.yaml [key.sub=value ...]")
+    p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="config overrides like train.steps=100 output_dir=runs/x")
 
+    p = sub.add_parser("plot", help="plot a run's metrics.jsonl to a PNG")
+    p.add_argument("run_dir")
+    p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+
+    from jaxalign import bench, sampling
+
+    sampling.add_arguments(sub.add_parser("generate", help="sample completions from a model (+ LoRA adapter)"))
     bench.add_arguments(sub.add_parser("bench", help="throughput benchmarks (tokens/s, MFU, memory)"))
     args = parser.parse_args(argv)
-    try:
-        if args.command == "bench":
-            bench.run(args)
-    except Exception as e:  # user-facing errors: one line, no traceback
-        from jaxalign.errors import JaxalignError
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("absl", "jax._src", "orbax", "etils"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from jaxalign.errors import JaxalignError
 
-        if isinstance(e, JaxalignError):
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        raise
+    try:
+        {"train": _train, "plot": _plot, "bench": bench.run, "generate": sampling.run}[args.command](args)
+    except JaxalignError as e:  # user-facing errors: the message, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -91,11 +91,13 @@ def open_weights(model_dir: str) -> dict[str, SafetensorsFile]:
     return out
 
 
-def load_params(model_dir: str, abstract_params, shardings, num_layers: int, tied: bool):
+def load_params(model_dir: str, abstract_params, shardings, num_layers: int, tied: bool, transform=None):
     """Read each leaf of `abstract_params` (ShapeDtypeStructs) into its sharding.
 
     Each device's shard is read straight from the memory-mapped file: the whole model is
-    never assembled on one device (or in host memory) first.
+    never assembled on one device (or in host memory) first. `transform(path, array)`, if
+    given, replaces each leaf as soon as it is read (e.g. quantization while loading, so
+    peak memory stays near the transformed size).
     """
     weights = open_weights(model_dir)
     used: set[str] = set()
@@ -134,7 +136,8 @@ def load_params(model_dir: str, abstract_params, shardings, num_layers: int, tie
                 return np.asarray(t[index[1], index[0]]).T
             return np.asarray(t[tuple(index)])
 
-        return jax.make_array_from_callback(sds.shape, sharding, read)
+        array = jax.make_array_from_callback(sds.shape, sharding, read)
+        return transform(p, array) if transform is not None else array
 
     params = jax.tree_util.tree_map_with_path(load_leaf, abstract_params, shardings)
     unused = [n for n in weights if n not in used and not n.endswith(_IGNORED_SUFFIXES)]

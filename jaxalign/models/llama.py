@@ -10,9 +10,11 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import struct
 
 from jaxalign.models.config import ModelConfig
 from jaxalign.nn import apply_rope, attention_mask, cos_sin, dot_product_attention, embed, linear, rms_norm
+from jaxalign.nn.attention import cache_attention_mask, write_kv_cache
 from jaxalign.nn.seams import dense
 
 _REMAT_POLICIES = {
@@ -60,7 +62,14 @@ class Attention(nn.Module):
     config: ModelConfig
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, cos, sin, mask, cache=None):
+        """x [B, T, D] -> [B, T, D].
+
+        cache: optional `(cache_k, cache_v, layer, start, attend_cache)`: the new k/v are
+        written to slots start..start+T of `layer`; with `attend_cache` the queries attend
+        to the layer's whole cache (mask [B, 1, T, S]), else to the new k/v only (mask
+        [B, 1, T, T], prefill). Then returns `(out, cache_k, cache_v)`.
+        """
         c = self.config
         b, t, d = x.shape
         hq, hkv, hd = c.num_attention_heads, c.num_key_value_heads, c.head_dim
@@ -71,8 +80,17 @@ class Attention(nn.Module):
             q = RMSNorm(hd, c, name="q_norm")(q)
             k = RMSNorm(hd, c, name="k_norm")(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        out = dot_product_attention(q, k, v, mask, c.attention_impl).reshape(b, t, hq * hd)
-        return Linear(hq * hd, d, c.o_bias, c, name="o_proj")(out)
+        o_proj = Linear(hq * hd, d, c.o_bias, c, name="o_proj")
+        if cache is None:
+            out = dot_product_attention(q, k, v, mask, c.attention_impl).reshape(b, t, hq * hd)
+            return o_proj(out)
+        cache_k, cache_v, layer, start, attend_cache = cache
+        cache_k, cache_v, k_all, v_all = write_kv_cache(cache_k, cache_v, k, v, layer, start)
+        if attend_cache:  # decode: XLA attention (one query row; flash kernels gain nothing)
+            out = dot_product_attention(q, k_all, v_all, mask)
+        else:
+            out = dot_product_attention(q, k, v, mask, c.attention_impl)
+        return o_proj(out.reshape(b, t, hq * hd)), cache_k, cache_v
 
 
 class MLP(nn.Module):
@@ -96,6 +114,25 @@ class DecoderLayer(nn.Module):
         h = x + Attention(c, name="self_attn")(RMSNorm(c.hidden_size, c, name="input_layernorm")(x), cos, sin, mask)
         out = h + MLP(c, name="mlp")(RMSNorm(c.hidden_size, c, name="post_attention_layernorm")(h))
         return out, None
+
+
+class CachedDecoderLayer(nn.Module):
+    """DecoderLayer (same params) that also writes/reads the KV cache; the scan carry is
+    `(x, cache_k, cache_v)` and the scanned input is the layer index."""
+
+    config: ModelConfig
+    attend_cache: bool
+
+    @nn.compact
+    def __call__(self, carry, layer, cos, sin, mask, start):
+        c = self.config
+        x, cache_k, cache_v = carry
+        attn = Attention(c, name="self_attn")
+        a, cache_k, cache_v = attn(RMSNorm(c.hidden_size, c, name="input_layernorm")(x), cos, sin, mask,
+                                   (cache_k, cache_v, layer, start, self.attend_cache))
+        h = x + a
+        out = h + MLP(c, name="mlp")(RMSNorm(c.hidden_size, c, name="post_attention_layernorm")(h))
+        return (out, cache_k, cache_v), None
 
 
 class Embed(nn.Module):
@@ -138,6 +175,81 @@ class Decoder(nn.Module):
         )
         x, _ = stack(c, name="layers")(x, cos, sin, mask)
         return RMSNorm(c.hidden_size, c, name="norm")(x)
+
+
+@struct.dataclass
+class KVCache:
+    """Keys/values of every layer for B rows and S slots, plus per-slot bookkeeping.
+
+    k, v [L, B, S, Hkv, hd] in the compute dtype (keys after rope); valid [B, S] bool
+    (slot holds a real token); positions [B, S] int32 (rope position of the slot's
+    token); length: int32 scalar, slots written so far (all rows share slot indices).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    positions: jax.Array
+    length: jax.Array
+
+    @property
+    def max_length(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(config: ModelConfig, batch: int, max_length: int) -> KVCache:
+    """An empty cache for `batch` rows of up to `max_length` tokens (prompt + generation)."""
+    shape = (config.num_hidden_layers, batch, max_length, config.num_key_value_heads, config.head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+    return KVCache(k=zeros, v=zeros, valid=jnp.zeros((batch, max_length), bool),
+                   positions=jnp.zeros((batch, max_length), jnp.int32), length=jnp.zeros((), jnp.int32))
+
+
+class CachedDecoder(nn.Module):
+    """Decoder (same params, under `params["model"]`) running T new tokens against a KVCache.
+
+    `prefill=True`: the new tokens attend only to each other (the cache is assumed empty
+    before them), exactly as `Decoder`; `prefill=False`: they attend to every valid slot.
+    """
+
+    config: ModelConfig
+    prefill: bool
+
+    @nn.compact
+    def __call__(self, input_ids, valid, positions, cache: KVCache):
+        c = self.config
+        t = input_ids.shape[1]
+        x = Embed(c.vocab_size, c.hidden_size, c, name="embed_tokens")(input_ids)
+        cos, sin = cos_sin(positions, c.head_dim, c.rope)
+        start = cache.length
+        zero = jnp.zeros((), jnp.int32)
+        kv_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool), (zero, start))
+        kv_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (zero, start))
+        if self.prefill:
+            mask = attention_mask(valid.astype(jnp.int32), positions, c.sliding_window)
+        else:
+            mask = cache_attention_mask(valid, positions, start + jnp.arange(t), kv_valid, kv_pos, c.sliding_window)
+        stack = nn.scan(
+            CachedDecoderLayer,
+            variable_axes={"params": 0},
+            split_rngs={"params": True},
+            in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+            length=c.num_hidden_layers,
+        )
+        layers = jnp.arange(c.num_hidden_layers, dtype=jnp.int32)
+        (x, k, v), _ = stack(c, not self.prefill, name="layers")((x, cache.k, cache.v), layers, cos, sin, mask, start)
+        cache = KVCache(k=k, v=v, valid=kv_valid, positions=kv_pos, length=start + t)
+        return RMSNorm(c.hidden_size, c, name="norm")(x), cache
+
+
+def hidden_states_cached(params, config: ModelConfig, input_ids, valid, positions, cache: KVCache,
+                         prefill: bool = False):
+    """Run T new tokens (ids/valid/positions [B, T]) through the decoder, writing their k/v to
+    cache slots `cache.length ..+T`. Returns (final-norm hidden [B, T, D], updated cache).
+
+    prefill=True for the first call on an empty cache (attention among the T tokens only).
+    """
+    return CachedDecoder(config, prefill).apply({"params": params["model"]}, input_ids, valid, positions, cache)
 
 
 def unembed(params, hidden, config: ModelConfig):

@@ -58,18 +58,18 @@ def _sharded_logits_fn(config: ModelConfig, mesh: Mesh, param_shardings_key):
     return jax.jit(fn, in_shardings=(param_shardings, data, data), out_shardings=out)
 
 
-@dataclasses.dataclass(frozen=True)
 class _TreeKey:
-    """Hashable wrapper of a tree of shardings (for caching jitted functions)."""
+    """Hashable, comparable wrapper of a tree of shardings (for caching jitted functions)."""
 
-    tree: Any
+    def __init__(self, tree):
+        self.tree = tree
+        self.leaves, self.treedef = jax.tree_util.tree_flatten(tree)
 
     def __hash__(self):
-        leaves, treedef = jax.tree_util.tree_flatten(self.tree)
-        return hash((treedef, tuple(leaves)))
+        return hash((str(self.treedef), tuple(self.leaves)))
 
     def __eq__(self, other):
-        return isinstance(other, _TreeKey) and hash(self) == hash(other)
+        return isinstance(other, _TreeKey) and self.treedef == other.treedef and self.leaves == other.leaves
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,21 +133,34 @@ def _shardings(abstract, mesh: Mesh | None, rules=None):
 
 
 def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None, rules=None,
+               quantize: str | None = None, quant_block_size: int | None = None, double_quant: bool = False,
                **config_overrides) -> Model:
     """Load an HF checkpoint directory (config.json + safetensors) as a `Model`.
 
     dtype: the params' dtype (default: the checkpoint's declared dtype, else float32).
     compute_dtype: activation dtype (default: dtype). mesh: shard each tensor straight
-    into its devices per the sharding rules. Extra keyword arguments override ModelConfig
-    fields (e.g. remat="full", attention_impl="cudnn").
+    into its devices per the sharding rules. quantize: "int8" | "int4" | "nf4" quantizes
+    the decoder-layer kernels tensor by tensor while loading (see `jaxalign.quant`).
+    Extra keyword arguments override ModelConfig fields (e.g. remat="full").
     """
     d = hf.read_config(path)
     declared = d.get("dtype") or d.get("torch_dtype") or "float32"
     dtype = canonical_dtype(dtype or declared)
     config = from_hf_dict(d, param_dtype=dtype, dtype=canonical_dtype(compute_dtype or dtype), **config_overrides)
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    transform = None
+    if quantize is not None:
+        from jaxalign.peft import quant
+
+        def transform(p, array):
+            if quant.is_kernel_path(p) and "layers" in p.split("."):
+                return quant.quantize_array(array, quantize, quant_block_size, double_quant, name=p)
+            return array
+
     params = hf.load_params(path, abstract, _shardings(abstract, mesh, rules), config.num_hidden_layers,
-                            config.tie_word_embeddings)
+                            config.tie_word_embeddings, transform)
+    if quantize is not None and mesh is not None:
+        params = jax.device_put(params, named_shardings(params, mesh, rules))
     return Model(config, params, mesh)
 
 

@@ -1,0 +1,283 @@
+"""Typed run configuration: dataclasses loaded from YAML, `key.sub=value` overrides,
+validation that names a bad key and suggests the closest valid one.
+
+Paths starting with `builtin:` point into the package's bundled assets (the embedded
+tiny model, tokenizer and data), so quickstart configs work from any directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from typing import Any
+
+import yaml
+
+from jaxalign.errors import ConfigError
+
+
+@dataclasses.dataclass
+class ModelSection:
+    """Where the model comes from and how it computes.
+
+    path: HF checkpoint dir (config.json + safetensors). config: a config.json to
+    initialize from scratch instead (random weights). tokenizer: defaults to path.
+    """
+
+    path: str | None = None
+    config: str | None = None
+    tokenizer: str | None = None
+    dtype: str = "float32"
+    compute_dtype: str = "float32"
+    remat: str = "none"
+    attention_impl: str | None = None
+    seed: int = 0
+
+
+@dataclasses.dataclass
+class DataSection:
+    """Datasets (hub name, local json/jsonl/parquet, or builtin:) and how to tokenize them."""
+
+    train: str | None = None
+    eval: str | None = None
+    train_split: str = "train"
+    eval_split: str = "train"
+    eval_fraction: float = 0.0
+    max_length: int = 512
+    truncation: str = "truncate"
+    packing: bool = False
+    buckets: list[int] | None = None
+    completion_only_loss: bool = True
+    max_eval_examples: int | None = 512
+    on_bad_row: str = "drop"
+
+
+@dataclasses.dataclass
+class OptimSection:
+    """AdamW with warmup then cosine/linear/constant decay, global-norm clipping."""
+
+    learning_rate: float = 1e-4
+    schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+
+
+@dataclasses.dataclass
+class TrainSection:
+    """Loop settings. batch_size is global (all processes); grad_accum splits it."""
+
+    steps: int = 100
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int | None = None
+    save_every: int | None = None
+    keep_checkpoints: int = 3
+    async_checkpoints: bool = True
+    on_nonfinite: str = "stop"
+    logprob_chunk: int = 128
+    export: bool = True
+
+
+@dataclasses.dataclass
+class MeshSection:
+    """Device mesh axis sizes (-1: all remaining devices)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass
+class LoraSection:
+    rank: int = 0
+    alpha: float = 16.0
+    targets: list[str] | str = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.0
+    use_rslora: bool = False
+
+
+@dataclasses.dataclass
+class QuantizationSection:
+    method: str | None = None
+    block_size: int | None = None
+    double_quant: bool = False
+
+
+@dataclasses.dataclass
+class Config:
+    """A whole run. `algorithm` picks the objective (sft, reward, dpo, ppo, ...)."""
+
+    algorithm: str = "sft"
+    output_dir: str = "runs/default"
+    model: ModelSection = dataclasses.field(default_factory=ModelSection)
+    data: DataSection = dataclasses.field(default_factory=DataSection)
+    optim: OptimSection = dataclasses.field(default_factory=OptimSection)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    lora: LoraSection = dataclasses.field(default_factory=LoraSection)
+    quantization: QuantizationSection = dataclasses.field(default_factory=QuantizationSection)
+
+
+_CHOICES = {
+    "algorithm": ("sft",),
+    "data.truncation": ("truncate", "drop"),
+    "data.on_bad_row": ("drop", "error"),
+    "optim.schedule": ("cosine", "linear", "constant"),
+    "train.on_nonfinite": ("stop", "skip"),
+    "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "quantization.method": (None, "int8", "int4", "nf4"),
+}
+
+
+def register_algorithm(name: str) -> None:
+    """Make `algorithm: name` a valid choice (called by algorithm modules)."""
+    if name not in _CHOICES["algorithm"]:
+        _CHOICES["algorithm"] = _CHOICES["algorithm"] + (name,)
+
+
+def builtin_path(path: str | None) -> str | None:
+    """Resolve `builtin:rel/path` to the packaged assets directory; other paths unchanged."""
+    if path is None or not isinstance(path, str) or not path.startswith("builtin:"):
+        return path
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", path[len("builtin:"):])
+
+
+def _suggest(key: str, valid: list[str], where: str) -> str:
+    prefix = f"{where}." if where else ""
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: invalid value {value!r}")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is list:
+        (inner,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls, d: dict, where: str = ""):
+    """Build dataclass `cls` from a mapping; unknown keys raise ConfigError with a suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in d.items():
+        full = f"{where}.{key}" if where else str(key)
+        if key not in hints:
+            raise ConfigError(f"unknown config key '{full}'{_suggest(str(key), names, where)}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def _validate(cfg: Config) -> None:
+    for dotted, choices in _CHOICES.items():
+        obj: Any = cfg
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        if obj not in choices:
+            shown = ", ".join(str(c) for c in choices if c is not None)
+            raise ConfigError(f"{dotted}={obj!r} is not valid; choose one of: {shown}")
+    t = cfg.train
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
+    if t.steps <= 0 or t.batch_size <= 0 or t.grad_accum <= 0:
+        raise ConfigError("train.steps, train.batch_size and train.grad_accum must be positive")
+    if cfg.model.path is None and cfg.model.config is None:
+        raise ConfigError("set model.path (an HF checkpoint dir) or model.config (a config.json to init from scratch)")
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else None
+        node = d
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = value
+    return d
+
+
+def load_config(path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config (optional), apply overrides, validate, and return a Config."""
+    d: dict = {}
+    if path is not None:
+        if not os.path.exists(path):
+            raise ConfigError(f"config file {path!r} does not exist")
+        with open(path) as f:
+            d = yaml.safe_load(f) or {}
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    apply_overrides(d, overrides or [])
+    cfg = from_dict(Config, d)
+    _validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain-dict form (what is saved as the run's resolved config)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Config, path: str) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)

@@ -1,0 +1,226 @@
+"""The one training loop every algorithm uses: setup, resume, step, log, eval, save, export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from jaxalign.config import Config, builtin_path, save_config
+from jaxalign.errors import CheckpointError, ConfigError, JaxalignError
+from jaxalign.models.config import from_hf_dict
+from jaxalign.models.model import Model, init_model, load_model
+from jaxalign.parallel.mesh import MeshConfig, make_mesh
+from jaxalign.parallel.rules import batch_sharding, named_shardings
+from jaxalign.train.checkpoint import Checkpointer
+from jaxalign.train.metrics import MetricsLogger
+from jaxalign.train.objective import Objective, get_builder
+from jaxalign.train.optim import make_optimizer
+from jaxalign.train.step import TrainState, init_state, make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(JaxalignError, FloatingPointError):
+    """Training produced a NaN/inf loss or gradient."""
+
+
+def build_model(cfg: Config, mesh) -> Model:
+    """Load the configured HF checkpoint, or initialize from a config.json with random weights."""
+    m = cfg.model
+    overrides = dict(remat=m.remat, attention_impl=m.attention_impl)
+    if m.path:
+        q = cfg.quantization
+        return load_model(builtin_path(m.path), dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype,
+                          quantize=q.method, quant_block_size=q.block_size, double_quant=q.double_quant, **overrides)
+    path = builtin_path(m.config)
+    if os.path.isdir(path):
+        path = os.path.join(path, "config.json")
+    if not os.path.exists(path):
+        raise CheckpointError(f"model.config {m.config!r} does not exist; point it at an HF config.json")
+    with open(path) as f:
+        hf = json.load(f)
+    config = from_hf_dict(hf, param_dtype=m.dtype, dtype=m.compute_dtype, **overrides)
+    return init_model(config, jax.random.key(m.seed), mesh)
+
+
+def apply_transforms(model: Model, cfg: Config) -> Model:
+    """Quantize, then wrap LoRA adapters, as configured; re-shard the transformed tree."""
+    from jaxalign.peft import lora, quant
+
+    params = model.params
+    q = cfg.quantization
+    if q.method is not None and not cfg.model.path:  # loaded checkpoints are quantized while loading
+        params = quant.quantize(params, q.method, block_size=q.block_size, double_quant=q.double_quant)
+    if cfg.lora.rank > 0:
+        r = cfg.lora
+        params = lora.apply(params, r.rank, r.alpha, r.targets, jax.random.key(cfg.model.seed + 1),
+                            dropout=r.dropout, use_rslora=r.use_rslora)
+    elif q.method is not None:
+        raise ConfigError("quantized weights are frozen: set lora.rank > 0 to train adapters on them (QLoRA)")
+    if params is model.params:
+        return model
+    return dataclasses.replace(model, params=jax.device_put(params, named_shardings(params, model.mesh)))
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    source = builtin_path(cfg.model.tokenizer or cfg.model.path or os.path.dirname(builtin_path(cfg.model.config)))
+    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+
+
+def partition_params(params):
+    """(trainable, frozen, combine): LoRA adapters when present, else every param."""
+    from jaxalign.nn.seams import is_weight_type
+
+    leaves = jax.tree.leaves(params, is_leaf=is_weight_type)
+    if any(type(leaf).__name__ == "LoraWeight" for leaf in leaves):
+        from jaxalign.peft import lora
+
+        trainable, frozen = lora.split(params)
+        return trainable, frozen, lora.combine
+    return params, None, lambda p, _: p
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """Host batch (this process's rows) -> global jax.Arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(batch_sharding(mesh, np.ndim(v)), np.asarray(v))
+            for k, v in batch.items()}
+
+
+def train_state_shardings(params, optimizer, mesh) -> TrainState:
+    """Shardings of the whole train state: optimizer moments follow their params."""
+    param_shardings = named_shardings(params, mesh)
+    replicated = NamedSharding(mesh, PartitionSpec())
+    abstract_opt = jax.eval_shape(optimizer.init, params)
+    opt_shardings = optax.tree_map_params(optimizer, lambda _, s: s, abstract_opt, param_shardings,
+                                          transform_non_params=lambda _: replicated)
+    return TrainState(step=replicated, params=param_shardings, opt_state=opt_shardings, rng=replicated)
+
+
+def _shardings_of(tree):
+    return jax.tree.map(lambda x: x.sharding, tree)
+
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def evaluate(objective: Objective, eval_step, params, frozen, combine, mesh) -> dict:
+    """Eval metrics prefixed `eval/`: summed over all eval batches, then divided."""
+    out: dict = {}
+    if objective.eval_batches is not None and eval_step is not None:
+        totals: dict = {}
+        for batch in objective.eval_batches():
+            sums = jax.device_get(eval_step(params, frozen, to_global(batch, mesh)))
+            for k, (s, c) in sums.items():
+                ts, tc = totals.get(k, (0.0, 0.0))
+                totals[k] = (ts + float(s), tc + float(c))
+        out.update({f"eval/{k}": s / max(c, 1.0) for k, (s, c) in totals.items()})
+    if objective.evaluate_extra is not None:
+        out.update({f"eval/{k}": v for k, v in objective.evaluate_extra(combine(params, frozen)).items()})
+    return out
+
+
+def train(cfg: Config) -> dict:
+    """Run (or resume) the configured training; returns the final metrics record."""
+    out_dir = os.path.abspath(cfg.output_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    if jax.process_index() == 0:
+        save_config(cfg, os.path.join(out_dir, "config.yaml"))
+    mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    tokenizer = load_tokenizer(cfg)
+    model = apply_transforms(build_model(cfg, mesh), cfg)
+    objective = get_builder(cfg.algorithm)(cfg, model, tokenizer)
+    for key, value in objective.summary.items():
+        log.info("%s: %s", key, value)
+
+    trainable, frozen, combine = partition_params(model.params)
+    steps = cfg.train.steps
+    optimizer, schedule = make_optimizer(cfg.optim, steps)
+    state_shardings = train_state_shardings(trainable, optimizer, mesh)
+    state = jax.jit(lambda p: init_state(p, optimizer, cfg.train.seed), out_shardings=state_shardings)(trainable)
+    frozen_shardings = _shardings_of(frozen) if frozen is not None else None
+
+    ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints,
+                        use_async=cfg.train.async_checkpoints)
+    start = 0
+    restored = ckpt.restore_latest(_abstract(state))
+    if restored is not None:
+        state, meta, start = restored
+        objective.train_batches.restore(meta["data"])
+        log.info("resumed from %s at step %d", ckpt.directory, start)
+    logger = MetricsLogger(out_dir, steps, resume_step=start)
+
+    loss_fn = objective.loss_fn
+    if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
+        from jaxalign.peft import lora
+
+        def loss_fn(params, batch, rng):
+            return objective.loss_fn(lora.with_dropout_rng(params, rng), batch, rng)
+
+    step_fn = jax.jit(make_train_step(loss_fn, optimizer, schedule, combine, cfg.train.grad_accum),
+                      in_shardings=(state_shardings, frozen_shardings, None),
+                      out_shardings=(state_shardings, None), donate_argnums=0)
+    eval_step = None
+    if objective.eval_fn is not None or objective.eval_batches is not None:
+        eval_step = jax.jit(make_eval_step(objective.eval_fn or objective.loss_fn, combine))
+
+    def run_eval(step):
+        metrics = evaluate(objective, eval_step, state.params, frozen, combine, mesh)
+        if metrics:
+            logger.log(step, metrics)
+        return metrics
+
+    if start == 0:
+        run_eval(0)
+    record: dict = {}
+    tokens, t_last, s_last = 0, time.time(), start
+    for step in range(start + 1, steps + 1):
+        batch = next(objective.train_batches)
+        tokens += int(np.sum(batch["attention_mask"])) * jax.process_count()
+        state, metrics = step_fn(state, frozen, to_global(batch, mesh))
+        metrics = jax.device_get(metrics)
+        if not metrics.pop("finite"):
+            msg = (f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
+                   f"grad_norm={metrics['grad_norm']}); the step was not applied")
+            if cfg.train.on_nonfinite == "stop":
+                ckpt.close()
+                raise NonFiniteLossError(msg + ". Lower optim.learning_rate, enable clipping "
+                                         "(optim.max_grad_norm), or set train.on_nonfinite=skip")
+            log.warning(msg)
+        if step % cfg.train.log_every == 0 or step == steps:
+            elapsed = time.time() - t_last
+            record = {k: float(v) for k, v in metrics.items()}
+            record["tokens_per_second"] = tokens / max(elapsed, 1e-9)
+            record["steps_per_second"] = (step - s_last) / max(elapsed, 1e-9)
+            logger.log(step, record)
+            tokens, t_last, s_last = 0, time.time(), step
+        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
+            run_eval(step)
+        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
+            ckpt.save(step, state, {"data": objective.train_batches.state(), "step": step})
+    final = run_eval(steps) if start < steps else {}
+    ckpt.close()
+    if cfg.train.export and jax.process_index() == 0:
+        trained = dataclasses.replace(model, params=combine(state.params, frozen))
+        export(trained, tokenizer, os.path.join(out_dir, "final"))
+        if cfg.lora.rank > 0:
+            from jaxalign.peft import lora
+
+            lora.save_adapter(trained.params, os.path.join(out_dir, "adapter"), base=cfg.model.path)
+    return {**record, **final}
+
+
+def export(model: Model, tokenizer, out_dir: str) -> None:
+    """Final export: HF safetensors + config.json (adapters merged) and the tokenizer."""
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)

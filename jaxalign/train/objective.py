@@ -1,0 +1,39 @@
+"""What an algorithm hands the training loop.
+
+An algorithm module (`jaxalign.algos.<name>`) has `build(cfg, model, tokenizer) -> Objective`:
+pure loss math plus its batches; the loop (`jaxalign.train.loop`) does everything else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any, Callable, Iterable
+
+from jaxalign.errors import ConfigError
+
+# algorithm name -> module holding `build`
+ALGORITHMS = {"sft": "jaxalign.algos.sft"}
+
+
+@dataclasses.dataclass
+class Objective:
+    """loss_fn(params, batch, rng) -> {name: (sum, count)} with a "loss" entry; the loop
+    minimizes sum/count over the global batch. train_batches: an iterator of host batches
+    (dicts of numpy [B_local, ...]) with `state()` / `restore(state)`. eval_batches: a
+    callable returning an iterable of eval batches; eval_fn(params, batch) -> sums like
+    loss_fn (deterministic). evaluate_extra(params) -> dict of extra eval metrics (host)."""
+
+    loss_fn: Callable[[Any, dict, Any], dict]
+    train_batches: Any
+    eval_batches: Callable[[], Iterable[dict]] | None = None
+    eval_fn: Callable[[Any, dict], dict] | None = None
+    evaluate_extra: Callable[[Any], dict] | None = None
+    summary: dict = dataclasses.field(default_factory=dict)
+
+
+def get_builder(name: str):
+    """The `build` function of algorithm `name`."""
+    if name not in ALGORITHMS:
+        raise ConfigError(f"algorithm {name!r} is not available; choose one of: {', '.join(ALGORITHMS)}")
+    return importlib.import_module(ALGORITHMS[name]).build
