@@ -129,7 +129,6 @@ class Config:
 
 
 _CHOICES = {
-    "algorithm": ("sft",),
     "data.truncation": ("truncate", "drop"),
     "data.on_bad_row": ("drop", "error"),
     "optim.schedule": ("cosine", "linear", "constant"),
@@ -137,12 +136,6 @@ _CHOICES = {
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "quantization.method": (None, "int8", "int4", "nf4"),
 }
-
-
-def register_algorithm(name: str) -> None:
-    """Make `algorithm: name` a valid choice (called by algorithm modules)."""
-    if name not in _CHOICES["algorithm"]:
-        _CHOICES["algorithm"] = _CHOICES["algorithm"] + (name,)
 
 
 def builtin_path(path: str | None) -> str | None:
@@ -224,6 +217,11 @@ def from_dict(cls, d: dict, where: str = ""):
 
 
 def _validate(cfg: Config) -> None:
+    from jaxalign.train.objective import ALGORITHMS
+
+    if cfg.algorithm not in ALGORITHMS:
+        raise ConfigError(f"algorithm={cfg.algorithm!r} is not valid; choose one of: {', '.join(ALGORITHMS)}"
+                          f"{_suggest(cfg.algorithm, list(ALGORITHMS), '')}")
     for dotted, choices in _CHOICES.items():
         obj: Any = cfg
         for part in dotted.split("."):

@@ -191,3 +191,27 @@ def test_logical_axes_for():
                     (("layers", None, "mlp"), (L, 1, F)),
                     (("layers", None), (L, 1)),
                     (("layers",), (L,))]
+
+
+def test_load_model_quantizes_while_loading(hf_model):
+    """`load_model(quantize=...)` gives the same tree and logits as quantizing after loading,
+    sharded or not."""
+    import dataclasses
+
+    import jaxalign as ja
+
+    _, path = hf_model("llama", hidden_size=64, intermediate_size=128)
+    ids = np.random.RandomState(0).randint(0, 128, (8, 9))
+    base = ja.load_model(path)
+    for method, block in (("int8", None), ("nf4", 32)):
+        loaded = ja.load_model(path, quantize=method, quant_block_size=block, double_quant=method == "nf4")
+        after = dataclasses.replace(base, params=ja.quant.quantize(base.params, method, block_size=block,
+                                                                   double_quant=method == "nf4"))
+        kernel = loaded.params["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+        assert isinstance(kernel, ja.quant.QuantizedWeight) and kernel.method == method
+        assert not isinstance(loaded.params["lm_head"]["kernel"], ja.quant.QuantizedWeight)
+        np.testing.assert_array_equal(loaded.logits(ids), after.logits(ids))
+        sharded = ja.load_model(path, quantize=method, quant_block_size=block, double_quant=method == "nf4",
+                                mesh=ja.make_mesh((2, 2, 2)))
+        ref = np.asarray(loaded.logits(ids))
+        assert np.abs(np.asarray(sharded.logits(ids)) - ref).max() <= 1e-5 * np.abs(ref).max()

@@ -147,3 +147,22 @@ def test_quickstart_improves_heldout_accuracy(tmp_path):
 
     png = plot_run(str(tmp_path))
     assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_qlora_training_from_config(tmp_path, hf_model):
+    """quantization + lora config keys: NF4 base, adapters trained, merged export + PEFT adapter written."""
+    _, path = hf_model("llama", vocab_size=128, hidden_size=64, intermediate_size=128)
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(os.path.join(ROOT, "jaxalign", "assets", "tiny")).save_pretrained(path)
+    cfg = load_config(QUICKSTART, SMALL + [
+        f"output_dir={tmp_path / 'run'}", f"model.path={path}", "model.config=null", "model.tokenizer=null",
+        "quantization.method=nf4", "quantization.block_size=32", "lora.rank=4", "lora.targets=all-linear",
+        "train.steps=3", "train.export=true"])
+    result = train(cfg)
+    assert np.isfinite(result["loss"])
+    assert os.path.exists(tmp_path / "run" / "adapter" / "adapter_config.json")
+    import jaxalign as ja
+
+    merged = ja.load_model(str(tmp_path / "run" / "final"))
+    assert merged.config.num_hidden_layers == 2

@@ -13,7 +13,14 @@ from typing import Any, Callable, Iterable
 from jaxalign.errors import ConfigError
 
 # algorithm name -> module holding `build`
-ALGORITHMS = {"sft": "jaxalign.algos.sft"}
+ALGORITHMS = {
+    "sft": "jaxalign.algos.sft",
+    "reward": "jaxalign.algos.reward",
+    "dpo": "jaxalign.algos.dpo",
+    "ppo": "jaxalign.algos.ppo",
+    "grpo": "jaxalign.algos.ppo",
+    "rloo": "jaxalign.algos.ppo",
+}
 
 
 @dataclasses.dataclass
@@ -36,4 +43,10 @@ def get_builder(name: str):
     """The `build` function of algorithm `name`."""
     if name not in ALGORITHMS:
         raise ConfigError(f"algorithm {name!r} is not available; choose one of: {', '.join(ALGORITHMS)}")
-    return importlib.import_module(ALGORITHMS[name]).build
+    try:
+        module = importlib.import_module(ALGORITHMS[name])
+    except ModuleNotFoundError as e:
+        if e.name != ALGORITHMS[name]:
+            raise
+        raise ConfigError(f"algorithm {name!r} is not implemented in this version of jaxalign") from e
+    return module.build
