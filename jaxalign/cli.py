@@ -1,4 +1,4 @@
-"""The `jaxalign` command: train, generate, bench, plot."""
+"""The `jaxalign` command: train, generate, bench, plot, label, cai, pipeline."""
 
 from __future__ import annotations
 
@@ -9,9 +9,13 @@ import sys
 
 def _train(args) -> None:
     from jaxalign.config import load_config
-    from jaxalign.train.loop import train
+    from jaxalign.parallel import distributed
 
     cfg = load_config(args.config, args.overrides)
+    # Multi-host: join the job before anything touches a device (no-op for one process).
+    distributed.initialize(cfg.distributed)
+    from jaxalign.train.loop import train
+
     result = train(cfg)
     shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float) and (k.startswith("eval/") or k == "loss")}
     print(f"done: {cfg.output_dir} {shown}")
@@ -39,6 +43,12 @@ def main(argv: list[str] | None = None) -> int:
 
     sampling.add_arguments(sub.add_parser("generate", help="sample completions from a model (+ LoRA adapter)"))
     bench.add_arguments(sub.add_parser("bench", help="throughput benchmarks (tokens/s, MFU, memory)"))
+    from jaxalign import pipeline
+    from jaxalign.algos import constitutional, rlaif
+
+    rlaif.add_arguments(sub.add_parser("label", help="RLAIF: label response pairs with an AI judge -> preference data"))
+    constitutional.add_arguments(sub.add_parser("cai", help="Constitutional AI: critique + revise answers -> SFT data"))
+    pipeline.add_arguments(sub.add_parser("pipeline", help="SFT -> reward -> PPO and SFT -> DPO, then a results table"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("absl", "jax._src", "orbax", "etils"):
@@ -46,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxalign.errors import JaxalignError
 
     try:
-        {"train": _train, "plot": _plot, "bench": bench.run, "generate": sampling.run}[args.command](args)
+        {"train": _train, "plot": _plot, "bench": bench.run, "generate": sampling.run,
+         "label": rlaif.run, "cai": constitutional.run, "pipeline": pipeline.run}[args.command](args)
     except JaxalignError as e:  # user-facing errors: the message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2

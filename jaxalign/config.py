@@ -90,11 +90,39 @@ class TrainSection:
 
 @dataclasses.dataclass
 class MeshSection:
-    """Device mesh axis sizes (-1: all remaining devices)."""
+    """Device mesh axis sizes (-1: all remaining devices).
+
+    data/fsdp/tensor are the total sizes. For slices (TPU multislice) or hosts joined by a
+    slower network (DCN), dcn_* split an axis into dcn_* (outer, across slices) x
+    size/dcn_* (inner, within a slice over ICI/NVLink). Any dcn_* > 1 builds a hybrid mesh;
+    their product must equal the number of slices (or of processes, where devices have no
+    slice index).
+    """
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
+
+
+@dataclasses.dataclass
+class DistributedSection:
+    """Multi-process (multi-host) runs; see jaxalign/parallel/distributed.py and launch/README.md.
+
+    Unset (the default): a single process, unless a TPU pod, a SLURM step with several
+    tasks, or Open MPI is detected (auto_detect). Explicit: coordinator_address (HOST:PORT
+    of process 0), num_processes, process_id; the environment variables
+    JAXALIGN_COORDINATOR / JAXALIGN_NUM_PROCESSES / JAXALIGN_PROCESS_ID fill what is unset.
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    local_device_ids: list[int] | None = None
+    initialization_timeout: int = 300
+    auto_detect: bool = True
 
 
 @dataclasses.dataclass
@@ -114,6 +142,89 @@ class QuantizationSection:
 
 
 @dataclasses.dataclass
+class PPOSection:
+    """RL fine-tuning: `algorithm: ppo` (critic + GAE), `grpo` / `rloo` (group baselines).
+
+    A rollout = train.batch_size x num_minibatches sequences (prompts x group_size) sampled
+    from the policy; it is trained on for ppo_epochs x num_minibatches optimizer steps of
+    train.batch_size sequences each. Reward: reward_model (an HF *ForSequenceClassification
+    dir, read at the last response token) or reward_fn ("module:function" called with
+    (prompts, completions) -> scores). See docs/rl.md.
+    """
+
+    reward_model: str | None = None
+    reward_adapter: str | None = None
+    reward_fn: str | None = None
+    value_model: str = "auto"
+    group_size: int = 1
+    num_minibatches: int = 4
+    ppo_epochs: int = 4
+    response_length: int = 53
+    max_prompt_length: int = 128
+    prompt_truncation: str = "left"
+    temperature: float = 0.7
+    top_k: int = 0
+    top_p: float = 1.0
+    kl_coef: float = 0.05
+    kl_estimator: str = "k1"
+    adaptive_kl: bool = False
+    target_kl: float = 6.0
+    kl_horizon: int = 10000
+    beta: float = 0.0
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_scores: bool = False
+    whiten_rewards: bool = False
+    whiten_advantages: bool = True
+    scale_rewards: bool = True
+    missing_eos_penalty: float | None = None
+    eval_temperature: float = 0.0
+    eval_reward_fn: str | None = None
+
+
+@dataclasses.dataclass
+class RewardSection:
+    """`algorithm: reward`: a scalar score head trained with the Bradley-Terry loss
+    -log sigmoid(r_chosen - r_rejected - margin) (+ center_rewards_coefficient * (r_c + r_r)^2).
+
+    A causal-LM `model.path` gets a fresh head ~ normal(head_init_std, default
+    1/sqrt(hidden_size + 1)); a *ForSequenceClassification checkpoint keeps its own.
+    max_prompt_length: prompts are cut from the left to this many tokens (None: no cut).
+    """
+
+    center_rewards_coefficient: float = 0.0
+    head_init_std: float | None = None
+    max_prompt_length: int | None = None
+
+
+@dataclasses.dataclass
+class DPOSection:
+    """`algorithm: dpo`: the DPO family (see `jaxalign.losses.dpo` for every loss_type).
+
+    reference: where the reference log-probs come from. "auto": none for reference-free
+    loss types (simpo), "adapters_off" under LoRA (the same params with adapters switched
+    off: no extra memory), else "frozen_copy" (one extra copy of the weights on device).
+    "precomputed" (or precompute_ref_logps: true) runs the initial model over the train and
+    eval data once before training and stores each pair's reference log-probs, so no
+    reference weights are used during training. simpo_gamma: SimPO's target margin;
+    discopop_tau: DiscoPOP's temperature. max_prompt_length: prompts are cut from the left
+    to this many tokens (None: no cut).
+    """
+
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+    label_smoothing: float = 0.0
+    simpo_gamma: float = 0.5
+    discopop_tau: float = 0.05
+    reference: str = "auto"
+    precompute_ref_logps: bool = False
+    max_prompt_length: int | None = None
+
+
+@dataclasses.dataclass
 class Config:
     """A whole run. `algorithm` picks the objective (sft, reward, dpo, ppo, ...)."""
 
@@ -126,6 +237,10 @@ class Config:
     mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     quantization: QuantizationSection = dataclasses.field(default_factory=QuantizationSection)
+    distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)
+    ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
+    reward: RewardSection = dataclasses.field(default_factory=RewardSection)
+    dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
 
 
 _CHOICES = {
@@ -135,6 +250,12 @@ _CHOICES = {
     "train.on_nonfinite": ("stop", "skip"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
     "quantization.method": (None, "int8", "int4", "nf4"),
+    "ppo.value_model": ("auto", "policy", "reward"),
+    "ppo.prompt_truncation": ("left", "skip"),
+    "ppo.kl_estimator": ("k1", "k2", "k3", "abs", "mse"),
+    "dpo.reference": ("auto", "adapters_off", "frozen_copy", "precomputed"),
+    "dpo.loss_type": ("sigmoid", "hinge", "ipo", "robust", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
+                      "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop"),
 }
 
 

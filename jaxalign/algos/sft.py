@@ -30,16 +30,12 @@ def sft_sums(params, config, batch: dict, chunk_size: int = 128) -> dict:
 
 def load_sft_examples(cfg, tokenizer, which: str):
     """Tokenized examples and stats of the train or eval data (`which`), per `cfg.data`."""
-    from jaxalign.config import builtin_path
-    from jaxalign.data import load_rows, tokenize_sft
+    from jaxalign.data import configured_rows, tokenize_sft
 
     d = cfg.data
-    source = d.train if which == "train" else d.eval
-    if source is None:
+    rows = configured_rows(d, which)
+    if rows is None:
         return None, None
-    rows = load_rows(builtin_path(source), split=d.train_split if which == "train" else d.eval_split)
-    if which == "eval" and d.max_eval_examples is not None:
-        rows = rows[: d.max_eval_examples] if isinstance(rows, list) else rows.select(range(min(len(rows), d.max_eval_examples)))
     return tokenize_sft(rows, tokenizer, max_length=d.max_length, truncation=d.truncation,
                         completion_only=d.completion_only_loss, on_bad_row=d.on_bad_row)
 

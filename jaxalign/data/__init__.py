@@ -42,7 +42,7 @@ from jaxalign.data.formats import (
     tokenize_preference,
     tokenize_sft,
 )
-from jaxalign.data.sources import column_names, load_rows
+from jaxalign.data.sources import column_names, configured_rows, load_rows
 from jaxalign.data.tokenizer import build_tokenizer, ensure_pad_token, load_tokenizer
 
 _TASK_NAMES = ("check_answer", "expected_answer", "quickstart_dir", "quickstart_file", "score")
@@ -63,7 +63,7 @@ __all__ = [
     "FORMATS", "PREFERENCE_FORMATS", "SFT_FORMATS", "DataStats", "chat_pieces", "detect_format",
     "is_conversational", "render_chat", "split_implicit_messages", "split_implicit_prompt",
     "tokenize_pieces", "tokenize_preference", "tokenize_sft",
-    "column_names", "load_rows",
+    "column_names", "configured_rows", "load_rows",
     "check_answer", "expected_answer", "quickstart_dir", "quickstart_file", "score",
     "build_tokenizer", "ensure_pad_token", "load_tokenizer",
 ]

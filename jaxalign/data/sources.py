@@ -132,3 +132,21 @@ def column_names(rows) -> list[str]:
         for k in r:
             seen.setdefault(k, None)
     return list(seen)
+
+
+def configured_rows(data_cfg, which: str):
+    """Rows of the run's `data.train` or `data.eval` (`which`), honouring the configured
+    split and `max_eval_examples`; None when that source is not set.
+
+    `data_cfg` is the `data` section of a run config (`jaxalign.config.DataSection`).
+    """
+    from jaxalign.config import builtin_path
+
+    source = data_cfg.train if which == "train" else data_cfg.eval
+    if source is None:
+        return None
+    rows = load_rows(builtin_path(source), split=data_cfg.train_split if which == "train" else data_cfg.eval_split)
+    limit = data_cfg.max_eval_examples
+    if which == "eval" and limit is not None:
+        rows = rows[:limit] if isinstance(rows, list) else rows.select(range(min(len(rows), limit)))
+    return rows

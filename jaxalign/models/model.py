@@ -46,6 +46,15 @@ def _forward_logits(params, input_ids, attention_mask, config):
 _logits = jax.jit(_forward_logits, static_argnames=("config",))
 
 
+def _forward_scores(params, config, input_ids, attention_mask):
+    from jaxalign.models.heads import sequence_scores
+
+    return sequence_scores(params, config, input_ids, attention_mask)
+
+
+_scores = jax.jit(_forward_scores, static_argnames=("config",))
+
+
 @functools.lru_cache(maxsize=32)
 def _sharded_logits_fn(config: ModelConfig, mesh: Mesh, param_shardings_key):
     param_shardings = param_shardings_key.tree
@@ -109,20 +118,39 @@ class Model:
         """Final hidden states [B, T, D]; see `jaxalign.models.llama.hidden_states`."""
         return hidden_states(self.params, self.config, input_ids, positions, segment_ids)
 
+    def scores(self, input_ids, attention_mask=None):
+        """Reward scores [B] (f32) at each row's last real token; needs a `score` head
+        (a reward model, see `jaxalign.models.heads`)."""
+        input_ids = jnp.asarray(input_ids, jnp.int32)
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        return _scores(self.params, self.config, input_ids, jnp.asarray(attention_mask, jnp.int32))
+
     def num_params(self) -> int:
         return self.config.num_params()
 
-    def save_pretrained(self, out_dir: str, dtype=None, max_shard_bytes: int = 5 * 2**30) -> None:
+    def save_pretrained(self, out_dir: str, dtype=None, max_shard_bytes: int = 5 * 2**30,
+                        pad_token_id: int | None = None) -> None:
         """Write config.json + safetensors that transformers' AutoModelForCausalLM loads.
 
-        LoRA adapters are merged and quantized weights dequantized on the way out.
+        LoRA adapters are merged and quantized weights dequantized on the way out. Params
+        with a `score` head (a reward model) are written as `*ForSequenceClassification`
+        (num_labels=1; pad_token_id as given, else the config's, else EOS) without lm_head.
         """
+        from jaxalign.models import heads
+
         params = jax.tree.map(dense, self.params, is_leaf=is_weight_type)
         dtype = canonical_dtype(dtype or self.config.param_dtype)
+        reward = heads.has_score_head(params)
+        if reward:
+            params = {k: v for k, v in params.items() if k != "lm_head"}
         hf.save_params(params, out_dir, self.config.num_hidden_layers, dtype=jnp.dtype(dtype),
                        max_shard_bytes=max_shard_bytes)
+        d = to_hf_dict(self.config, torch_dtype=dtype)
+        if reward:
+            d = heads.seq_cls_hf_dict(d, self.config.model_type, heads.export_pad_token_id(self.config, pad_token_id))
         with open(os.path.join(out_dir, "config.json"), "w") as f:
-            json.dump(to_hf_dict(self.config, torch_dtype=dtype), f, indent=2)
+            json.dump(d, f, indent=2)
 
 
 def _shardings(abstract, mesh: Mesh | None, rules=None):
@@ -134,20 +162,34 @@ def _shardings(abstract, mesh: Mesh | None, rules=None):
 
 def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None, rules=None,
                quantize: str | None = None, quant_block_size: int | None = None, double_quant: bool = False,
-               **config_overrides) -> Model:
+               head: str = "auto", **config_overrides) -> Model:
     """Load an HF checkpoint directory (config.json + safetensors) as a `Model`.
 
     dtype: the params' dtype (default: the checkpoint's declared dtype, else float32).
     compute_dtype: activation dtype (default: dtype). mesh: shard each tensor straight
     into its devices per the sharding rules. quantize: "int8" | "int4" | "nf4" quantizes
     the decoder-layer kernels tensor by tensor while loading (see `jaxalign.quant`).
+    head: which output head to load: "lm" (`lm_head`, absent when tied), "score" (a reward
+    head `score.weight` [1, D] of a *ForSequenceClassification checkpoint, as params["score"]
+    = {"kernel": [D, 1]}), "none" (the decoder only), "auto" ("score" for a
+    *ForSequenceClassification checkpoint, else "lm"). See `jaxalign.models.heads`.
     Extra keyword arguments override ModelConfig fields (e.g. remat="full").
     """
+    from jaxalign.models import heads
+
+    if head not in ("auto", "lm", "score", "none"):
+        raise ValueError(f"head={head!r} is not valid; use 'auto', 'lm', 'score' or 'none'")
     d = hf.read_config(path)
+    if head == "auto":
+        head = "score" if heads.is_sequence_classification(d) else "lm"
     declared = d.get("dtype") or d.get("torch_dtype") or "float32"
     dtype = canonical_dtype(dtype or declared)
     config = from_hf_dict(d, param_dtype=dtype, dtype=canonical_dtype(compute_dtype or dtype), **config_overrides)
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    if head != "lm":
+        abstract = {k: v for k, v in abstract.items() if k != "lm_head"}
+    if head == "score":
+        abstract["score"] = {"kernel": jax.ShapeDtypeStruct((config.hidden_size, 1), jnp.dtype(dtype))}
     transform = None
     if quantize is not None:
         from jaxalign.peft import quant
@@ -158,7 +200,7 @@ def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype
             return array
 
     params = hf.load_params(path, abstract, _shardings(abstract, mesh, rules), config.num_hidden_layers,
-                            config.tie_word_embeddings, transform)
+                            config.tie_word_embeddings or head != "lm", transform)
     if quantize is not None and mesh is not None:
         params = jax.device_put(params, named_shardings(params, mesh, rules))
     return Model(config, params, mesh)

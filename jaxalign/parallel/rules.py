@@ -48,6 +48,7 @@ _LEAF_AXES = {
     ("q_norm", "scale"): ("head_dim",),
     ("k_norm", "scale"): ("head_dim",),
     ("lm_head", "kernel"): ("embed", "vocab"),
+    ("score", "kernel"): ("embed", None),  # reward / value head [D, 1]
 }
 
 

@@ -70,7 +70,10 @@ class LoraWeight:
 
     @property
     def dense_shape(self) -> tuple[int, ...]:
-        """Shape of the dense weight `[..., in, out]`."""
+        """Shape of the dense weight `[..., in, out]` (from the adapters when they are there: the
+        trainable half of `split` has no base)."""
+        if hasattr(self.a, "shape") and hasattr(self.b, "shape"):
+            return (*self.a.shape[:-1], self.b.shape[-1])
         return dense_shape(self.base)
 
     @property
@@ -252,11 +255,15 @@ def logical_axes_for(leaf: LoraWeight, base_axes: tuple):
         raise ConfigError(f"base_axes {base_axes} do not fit a weight of shape {leaf.dense_shape}")
     lead, in_axis, out_axis = base_axes[:-2], base_axes[-2], base_axes[-1]
     base = (quant.logical_axes_for(leaf.base, base_axes)
-            if isinstance(leaf.base, QuantizedWeight) else base_axes)
+            if isinstance(leaf.base, QuantizedWeight) and jax.tree.leaves(leaf.base) else base_axes)
     rng = leaf.dropout_rng
     rng_axes = None if rng is None else (*lead, *(None,) * (rng.ndim - len(lead)))
-    return leaf.replace(base=base, a=(*lead, in_axis, None), b=(*lead, None, out_axis),
-                        dropout_rng=rng_axes)
+
+    def present(child, axes):  # a half removed by `split` (no arrays) gets no axes
+        return axes if jax.tree.leaves(child) else None
+
+    return leaf.replace(base=present(leaf.base, base), a=present(leaf.a, (*lead, in_axis, None)),
+                        b=present(leaf.b, (*lead, None, out_axis)), dropout_rng=rng_axes)
 
 
 # --------------------------------------------------------------------------- HF PEFT format

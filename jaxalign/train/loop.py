@@ -17,6 +17,7 @@ from jaxalign.config import Config, builtin_path, save_config
 from jaxalign.errors import CheckpointError, ConfigError, JaxalignError
 from jaxalign.models.config import from_hf_dict
 from jaxalign.models.model import Model, init_model, load_model
+from jaxalign.parallel import distributed
 from jaxalign.parallel.mesh import MeshConfig, make_mesh
 from jaxalign.parallel.rules import batch_sharding, named_shardings
 from jaxalign.train.checkpoint import Checkpointer
@@ -77,10 +78,16 @@ def load_tokenizer(cfg: Config):
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
-def partition_params(params):
-    """(trainable, frozen, combine): LoRA adapters when present, else every param."""
+def partition_params(params, trainable_mask=None):
+    """(trainable, frozen, combine): where `trainable_mask(params)` is True if given, else LoRA
+    adapters when present, else every param."""
     from jaxalign.nn.seams import is_weight_type
 
+    if trainable_mask is not None:
+        from jaxalign.peft import lora
+
+        trainable, frozen = lora.split(params, trainable_mask(params))
+        return trainable, frozen, lora.combine
     leaves = jax.tree.leaves(params, is_leaf=is_weight_type)
     if any(type(leaf).__name__ == "LoraWeight" for leaf in leaves):
         from jaxalign.peft import lora
@@ -88,6 +95,12 @@ def partition_params(params):
         trainable, frozen = lora.split(params)
         return trainable, frozen, lora.combine
     return params, None, lambda p, _: p
+
+
+def count_tokens(batch: dict) -> int:
+    """Real tokens in a host batch: the sum of every `*attention_mask` array (preference
+    batches have `chosen_attention_mask` and `rejected_attention_mask`)."""
+    return int(sum(np.sum(v) for k, v in batch.items() if k.endswith("attention_mask")))
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -132,18 +145,22 @@ def evaluate(objective: Objective, eval_step, params, frozen, combine, mesh) -> 
 
 def train(cfg: Config) -> dict:
     """Run (or resume) the configured training; returns the final metrics record."""
+    distributed.initialize(cfg.distributed)  # multi-host: join the job first (no-op if joined / single)
     out_dir = os.path.abspath(cfg.output_dir)
     os.makedirs(out_dir, exist_ok=True)
     if jax.process_index() == 0:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    mesh = make_mesh(MeshConfig(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor))
+    m = cfg.mesh
+    mesh = make_mesh(MeshConfig(m.data, m.fsdp, m.tensor, m.dcn_data, m.dcn_fsdp, m.dcn_tensor))
     tokenizer = load_tokenizer(cfg)
     model = apply_transforms(build_model(cfg, mesh), cfg)
     objective = get_builder(cfg.algorithm)(cfg, model, tokenizer)
+    if objective.init_params is not None:
+        model = dataclasses.replace(model, params=objective.init_params(model.params))
     for key, value in objective.summary.items():
         log.info("%s: %s", key, value)
 
-    trainable, frozen, combine = partition_params(model.params)
+    trainable, frozen, combine = partition_params(model.params, objective.trainable_mask)
     steps = cfg.train.steps
     optimizer, schedule = make_optimizer(cfg.optim, steps)
     state_shardings = train_state_shardings(trainable, optimizer, mesh)
@@ -158,6 +175,8 @@ def train(cfg: Config) -> dict:
         state, meta, start = restored
         objective.train_batches.restore(meta["data"])
         log.info("resumed from %s at step %d", ckpt.directory, start)
+    if objective.bind_params is not None:
+        objective.bind_params(lambda: combine(state.params, frozen))  # sees `state` as the loop updates it
     logger = MetricsLogger(out_dir, steps, resume_step=start)
 
     loss_fn = objective.loss_fn
@@ -186,7 +205,7 @@ def train(cfg: Config) -> dict:
     tokens, t_last, s_last = 0, time.time(), start
     for step in range(start + 1, steps + 1):
         batch = next(objective.train_batches)
-        tokens += int(np.sum(batch["attention_mask"])) * jax.process_count()
+        tokens += count_tokens(batch) * jax.process_count()
         state, metrics = step_fn(state, frozen, to_global(batch, mesh))
         metrics = jax.device_get(metrics)
         if not metrics.pop("finite"):
@@ -210,17 +229,31 @@ def train(cfg: Config) -> dict:
             ckpt.save(step, state, {"data": objective.train_batches.state(), "step": step})
     final = run_eval(steps) if start < steps else {}
     ckpt.close()
-    if cfg.train.export and jax.process_index() == 0:
-        trained = dataclasses.replace(model, params=combine(state.params, frozen))
-        export(trained, tokenizer, os.path.join(out_dir, "final"))
-        if cfg.lora.rank > 0:
-            from jaxalign.peft import lora
+    if cfg.train.export:
+        # Every process takes part in gathering the (possibly multi-host sharded) weights to
+        # host memory; process 0 writes them.
+        from jaxalign.nn.seams import dense, is_weight_type
 
-            lora.save_adapter(trained.params, os.path.join(out_dir, "adapter"), base=cfg.model.path)
+        writer = jax.process_index() == 0
+        export_params = objective.export_params or (lambda p: p)
+        trained = export_params(combine(state.params, frozen))
+        merged = distributed.fetch_to_host(jax.tree.map(dense, trained, is_leaf=is_weight_type), keep=writer)
+        adapters = distributed.fetch_to_host(state.params, keep=writer) if cfg.lora.rank > 0 else None
+        if writer:
+            export(dataclasses.replace(model, params=merged), tokenizer, os.path.join(out_dir, "final"))
+            if adapters is not None:
+                from jaxalign.models import heads
+                from jaxalign.peft import lora
+
+                tree = export_params(combine(adapters, frozen))  # a reward model's adapter carries its score head
+                save = heads.save_reward_adapter if heads.has_score_head(tree) else lora.save_adapter
+                save(tree, os.path.join(out_dir, "adapter"), base=cfg.model.path)
+        distributed.barrier("jaxalign:export")
     return {**record, **final}
 
 
 def export(model: Model, tokenizer, out_dir: str) -> None:
-    """Final export: HF safetensors + config.json (adapters merged) and the tokenizer."""
-    model.save_pretrained(out_dir)
+    """Final export: HF safetensors + config.json (adapters merged) and the tokenizer (whose
+    pad id a reward model's config records: transformers pools scores by it)."""
+    model.save_pretrained(out_dir, pad_token_id=getattr(tokenizer, "pad_token_id", None))
     tokenizer.save_pretrained(out_dir)

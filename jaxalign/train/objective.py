@@ -29,7 +29,15 @@ class Objective:
     minimizes sum/count over the global batch. train_batches: an iterator of host batches
     (dicts of numpy [B_local, ...]) with `state()` / `restore(state)`. eval_batches: a
     callable returning an iterable of eval batches; eval_fn(params, batch) -> sums like
-    loss_fn (deterministic). evaluate_extra(params) -> dict of extra eval metrics (host)."""
+    loss_fn (deterministic). evaluate_extra(params) -> dict of extra eval metrics (host).
+
+    Optional hooks for objectives that train more than the model's own params (RL: policy
+    + value model): init_params(model_params) -> the params tree the loop trains (applied
+    once, right after build); trainable_mask(params) -> bool tree like params (True =
+    trained; default: LoRA adapters when present, else everything); bind_params(get) is
+    called once with a function returning the current full params (for iterators that
+    sample from the model being trained); export_params(params) -> the model params to
+    export (default: params as they are)."""
 
     loss_fn: Callable[[Any, dict, Any], dict]
     train_batches: Any
@@ -37,6 +45,10 @@ class Objective:
     eval_fn: Callable[[Any, dict], dict] | None = None
     evaluate_extra: Callable[[Any], dict] | None = None
     summary: dict = dataclasses.field(default_factory=dict)
+    init_params: Callable[[Any], Any] | None = None
+    trainable_mask: Callable[[Any], Any] | None = None
+    bind_params: Callable[[Callable[[], Any]], None] | None = None
+    export_params: Callable[[Any], Any] | None = None
 
 
 def get_builder(name: str):

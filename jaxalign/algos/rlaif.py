@@ -1,0 +1,482 @@
+"""RLAIF: an AI judge labels pairs of responses, giving preference data for the reward model or DPO.
+
+For each prompt x with candidates a and b, a principle c is drawn from the constitution
+(or fixed) and the judge (any causal LM jaxalign loads) is shown the templated prompt
+twice, once with a as "Response A" (order AB) and once with b as "Response A" (order BA).
+From one forward pass per batch it reads the log-probabilities of the choice labels at
+the position after the prompt:
+
+    s_A = log sum_v p(v | judge prompt)   over the variants v of label "A"  (likewise s_B)
+    P_AB = softmax(s_A, s_B)[A]           P(a better) in order AB
+    P_BA = softmax(s_A, s_B)[B]           P(a better) in order BA (a was shown as B)
+    P(a better) = (P_AB + P_BA) / 2       averaging both orders cancels the judge's position bias
+
+The output row is TRL's explicit-prompt preference format: `prompt`, `chosen` (a if
+P(a better) >= 0.5 else b), `rejected`, plus `preference` = P(chosen better) in [0.5, 1],
+`margin` = log(preference / (1 - preference)) (the logit; the reward trainer's optional
+Bradley-Terry margin), `position_consistent` (both orders pick the same response),
+`principle` (its name) and `p_ab` / `p_ba` (P(a better) per order, a = response_a).
+
+Choice labels and their tokens: the label sequence is what the tokenizer produces for the
+label text right after the rendered judge prompt. A label's variants are the label and,
+when the tokenizer has it as a single token, its leading-space form (" A", as BPE and
+SentencePiece vocabularies do). If every variant is one token, the label is scored from
+the last position of one forward pass over the left-padded prompts (`scoring="token"`).
+If a label splits into several tokens, the full label token sequence's log-probability
+is scored instead (`scoring="sequence"`: one forward over prompt + label per variant);
+`scoring="token"` with such a label is an error naming the label and its tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxalign.algos.constitutional import (
+    Constitution,
+    batch_multiple,
+    check_template,
+    encode_text,
+    generate_texts,
+    left_pad,
+    load_constitution,
+    pad_token_id,
+    stop_token_ids,
+    use_chat,
+    write_rows,
+)
+from jaxalign.errors import ConfigError, DataError
+from jaxalign.models.llama import hidden_states, unembed
+from jaxalign.models.model import Model, _TreeKey, positions_from_mask
+
+log = logging.getLogger(__name__)
+
+JUDGE_TEMPLATE = (
+    "Consider the following prompt and two candidate responses.\n\n"
+    "Prompt: {prompt}\n\n"
+    "Response A: {response_a}\n\n"
+    "Response B: {response_b}\n\n"
+    "Principle: {principle}\n\n"
+    "Which response is better according to the principle? Answer A or B.\nAnswer:"
+)
+
+
+@dataclasses.dataclass
+class JudgeSettings:
+    """How the judge is prompted and scored.
+
+    template: fields {prompt}, {response_a}, {response_b}, {principle} (default
+    :data:`JUDGE_TEMPLATE`, or the constitution's `templates.judge`). chat: wrap the filled
+    template as a user message with the judge's chat template (True / False / "auto": when
+    it has one). choices: the two label texts. leading_space: also count " A" / " B" when
+    they are single tokens. scoring: "auto" | "token" | "sequence" (module docstring).
+    principle: a principle name for every row (default: drawn per row, seeded by `seed`).
+    """
+
+    template: str | None = None
+    chat: bool | str = "auto"
+    choices: tuple[str, str] = ("A", "B")
+    leading_space: bool = True
+    scoring: str = "auto"
+    batch_size: int = 8
+    principle: str | None = None
+    seed: int = 0
+
+
+# ---------------------------------------------------------------------------- forward passes
+
+
+def _last_logprobs(params, ids, mask, candidates, *, config):
+    """log_softmax of the logits at the last position, at `candidates` [C]: -> [B, C]."""
+    h = hidden_states(params, config, ids, positions_from_mask(mask), mask)
+    logits = unembed(params, h[:, -1], config).astype(jnp.float32)
+    return jnp.take(jax.nn.log_softmax(logits, axis=-1), candidates, axis=-1)
+
+
+def _suffix_logprob(params, ids, mask, *, config, k: int):
+    """log p(last k tokens | the tokens before them), summed: -> [B] (left-padded rows)."""
+    h = hidden_states(params, config, ids, positions_from_mask(mask), mask)
+    logits = unembed(params, h[:, -k - 1:-1], config).astype(jnp.float32)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return jnp.take_along_axis(logp, ids[:, -k:, None], axis=-1)[..., 0].sum(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _compiled(kind: str, config, k: int, mesh, shardings: _TreeKey | None):
+    fn = (functools.partial(_last_logprobs, config=config) if kind == "last"
+          else functools.partial(_suffix_logprob, config=config, k=k))
+    if mesh is None:
+        return jax.jit(fn)
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxalign.parallel.rules import batch_sharding
+
+    data, rep = batch_sharding(mesh, 2), NamedSharding(mesh, PartitionSpec())
+    if kind == "last":
+        return jax.jit(fn, in_shardings=(shardings.tree, data, data, rep), out_shardings=data)
+    return jax.jit(fn, in_shardings=(shardings.tree, data, data), out_shardings=batch_sharding(mesh, 1))
+
+
+# ---------------------------------------------------------------------------- the judge
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelTokens:
+    """Token sequences of each choice's variants: `variants[c]` = list of (text, ids)."""
+
+    variants: tuple[tuple[tuple[str, tuple[int, ...]], ...], ...]
+    scoring: str  # "token" or "sequence"
+
+    def describe(self) -> str:
+        return "; ".join(", ".join(f"{t!r} -> {list(ids)}" for t, ids in v) for v in self.variants)
+
+
+class Judge:
+    """A causal LM used as a preference labeler. `model` (a `Model`, possibly sharded over its
+    mesh) and its `tokenizer`; see :class:`JudgeSettings` and the module docstring."""
+
+    def __init__(self, model: Model, tokenizer, settings: JudgeSettings | None = None,
+                 constitution: Constitution | str | None = None):
+        self.model, self.tokenizer = model, tokenizer
+        self.settings = s = settings or JudgeSettings()
+        self.constitution = load_constitution(constitution)
+        self.template = check_template(s.template or self.constitution.template("judge", JUDGE_TEMPLATE), "judge")
+        if s.scoring not in ("auto", "token", "sequence"):
+            raise ConfigError(f"scoring={s.scoring!r} is not valid; choose auto, token or sequence")
+        if len(s.choices) != 2 or len(set(s.choices)) != 2 or not all(isinstance(c, str) and c for c in s.choices):
+            raise ConfigError(f"choices must be two different non-empty strings, got {s.choices!r}")
+        self.chat = use_chat(tokenizer, s.chat)
+        self.pad = pad_token_id(model, tokenizer, stop_token_ids(model, tokenizer))
+        probe = self.render("x", "y", "z", "w")
+        self.labels = self._label_tokens(probe)
+        log.info("judge labels (%s scoring): %s", self.labels.scoring, self.labels.describe())
+
+    # -- prompts
+
+    def render(self, prompt: str, first: str, second: str, principle: str) -> str:
+        """The judge's input text with `first` shown as response A and `second` as B."""
+        text = self.template.format(prompt=prompt, response_a=first, response_b=second, principle=principle)
+        if self.chat:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        return encode_text(self.tokenizer, text, self.chat)
+
+    def _label_tokens(self, probe: str) -> LabelTokens:
+        """Each label's token ids as they follow the judge prompt (prefix-tokenize), + variants."""
+        base = self.encode(probe)
+
+        def after_prompt(label: str) -> tuple[int, ...]:
+            full = self.encode(probe + label)
+            if full[:len(base)] == base and len(full) > len(base):
+                return tuple(full[len(base):])
+            # A merge across the boundary: fall back to the label on its own.
+            return tuple(self.tokenizer.encode(label, add_special_tokens=False))
+
+        variants = []
+        for label in self.settings.choices:
+            ids = after_prompt(label)
+            if not ids:
+                raise ConfigError(f"the choice label {label!r} encodes to no tokens with the judge's tokenizer")
+            vs = [(label, ids)]
+            if self.settings.leading_space and not label.startswith(" "):
+                sp = after_prompt(" " + label)
+                if len(sp) == 1 and sp != ids:
+                    vs.append((" " + label, sp))
+            variants.append(tuple(vs))
+        multi = [(t, ids) for v in variants for t, ids in v if len(ids) > 1]
+        scoring = self.settings.scoring
+        if scoring == "auto":
+            scoring = "sequence" if multi else "token"
+        if scoring == "token" and multi:
+            t, ids = multi[0]
+            raise ConfigError(
+                f"the judge's tokenizer splits the choice label {t!r} into {len(ids)} tokens {list(ids)} "
+                f"({[self.tokenizer.decode([i]) for i in ids]}); single-token scoring cannot read it from one "
+                "position. Use scoring='sequence' (or 'auto') to score the whole label sequence, or choose "
+                "single-token labels")
+        (a_vars, b_vars) = variants
+        for ta, ia in a_vars:
+            for tb, ib in b_vars:
+                n = min(len(ia), len(ib))
+                if ia[:n] == ib[:n]:
+                    raise ConfigError(f"the choice labels {ta!r} {list(ia)} and {tb!r} {list(ib)} are not "
+                                      "distinguishable: one's tokens are a prefix of the other's")
+        return LabelTokens(tuple(variants), scoring)
+
+    # -- scoring
+
+    def _batches(self, rows: list[list[int]]):
+        m = batch_multiple(self.model)
+        batch = -(-max(1, min(self.settings.batch_size, len(rows))) // m) * m
+        for start in range(0, len(rows), batch):
+            chunk = rows[start:start + batch]
+            ids, mask = left_pad(chunk, self.pad, batch, multiple=32)
+            yield len(chunk), ids, mask
+
+    def _fn(self, kind: str, k: int = 0):
+        mesh = self.model.mesh
+        shardings = None if mesh is None else _TreeKey(jax.tree.map(lambda x: x.sharding, self.model.params))
+        return _compiled(kind, self.model.config, k, mesh, shardings)
+
+    def choice_logprobs(self, texts: Sequence[str]) -> np.ndarray:
+        """[N, 2]: log P(choice label | text) for each rendered judge prompt (label variants summed)."""
+        rows = [self.encode(t) for t in texts]
+        longest = max(len(v[1]) for vs in self.labels.variants for v in vs)
+        limit = self.model.config.max_position_embeddings
+        for i, r in enumerate(rows):
+            if len(r) + (longest if self.labels.scoring == "sequence" else 0) > limit:
+                raise DataError(f"judge prompt {i} has {len(r)} tokens, more than the judge's context of {limit}; "
+                                "shorten the prompt/responses or use a judge with a longer context")
+        out = np.zeros((len(rows), 2), np.float64)
+        if self.labels.scoring == "token":
+            ids_per_choice = [[v[1][0] for v in vs] for vs in self.labels.variants]
+            flat = np.asarray([i for ids in ids_per_choice for i in ids], np.int32)
+            fn = self._fn("last")
+            got, pos = [], 0
+            for n, ids, mask in self._batches(rows):
+                got.append(np.asarray(fn(self.model.params, ids, mask, flat))[:n])
+            lp = np.concatenate(got).astype(np.float64)  # [N, C]
+            for c, ids in enumerate(ids_per_choice):
+                out[:, c] = _logsumexp(lp[:, pos:pos + len(ids)])
+                pos += len(ids)
+            return out
+        for c, vs in enumerate(self.labels.variants):
+            per_variant = []
+            for _, label_ids in vs:
+                fn = self._fn("suffix", len(label_ids))
+                got = []
+                for n, ids, mask in self._batches([r + list(label_ids) for r in rows]):
+                    got.append(np.asarray(fn(self.model.params, ids, mask))[:n])
+                per_variant.append(np.concatenate(got).astype(np.float64))
+            out[:, c] = _logsumexp(np.stack(per_variant, axis=1))
+        return out
+
+    def prob_first(self, prompts, first, second, principles: Sequence[str]) -> np.ndarray:
+        """[N]: P(label A) normalized over the two labels, with `first` shown as response A."""
+        texts = [self.render(p, a, b, c) for p, a, b, c in zip(prompts, first, second, principles)]
+        lp = self.choice_logprobs(texts)
+        return _softmax_first(lp)
+
+    def compare(self, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str],
+                principles: Sequence[str]) -> dict[str, np.ndarray]:
+        """Both orders: `p_ab` = P(a better | a shown as A), `p_ba` = P(a better | a shown as B),
+        `p` = their mean (position bias cancelled), `consistent` = both orders agree."""
+        p_ab = self.prob_first(prompts, responses_a, responses_b, principles)
+        p_ba = 1.0 - self.prob_first(prompts, responses_b, responses_a, principles)
+        return {"p_ab": p_ab, "p_ba": p_ba, "p": (p_ab + p_ba) / 2, "consistent": (p_ab > 0.5) == (p_ba > 0.5)}
+
+
+def _logsumexp(x: np.ndarray) -> np.ndarray:
+    m = np.max(x, axis=1, keepdims=True)
+    return (m + np.log(np.sum(np.exp(x - m), axis=1, keepdims=True)))[:, 0]
+
+
+def _softmax_first(lp: np.ndarray) -> np.ndarray:
+    """softmax over the 2 columns, first column: 1 / (1 + exp(lp_B - lp_A)), overflow-safe."""
+    d = lp[:, 1] - lp[:, 0]
+    return np.where(d > 0, np.exp(-np.clip(d, 0, None)) / (1 + np.exp(-np.clip(d, 0, None))),
+                    1 / (1 + np.exp(np.clip(d, None, 0))))
+
+
+# ---------------------------------------------------------------------------- candidates
+
+
+def read_candidates(source, split: str = "train", max_rows: int | None = None, need_responses: bool = True):
+    """(prompts, responses_a, responses_b) from rows with `prompt` + `response_a` + `response_b`
+    (responses are None when the columns are absent and `need_responses` is False)."""
+    from jaxalign.config import builtin_path
+    from jaxalign.data import column_names, load_rows
+
+    rows = load_rows(builtin_path(source) if isinstance(source, str) else source, split=split)
+    name = source if isinstance(source, str) else "rows"
+    cols = column_names(rows)
+    if "prompt" not in cols:
+        raise DataError(f"{name}: needs a 'prompt' column (plus 'response_a' and 'response_b', or a policy model to "
+                        f"sample them); found columns {sorted(cols)}")
+    have = [c for c in ("response_a", "response_b") if c in cols]
+    if not have and not need_responses:
+        prompts = []
+        for i, row in enumerate(rows):
+            if max_rows is not None and i >= max_rows:
+                break
+            prompts.append(_text(row, "prompt", i, name))
+        return prompts, None, None
+    if len(have) < 2:
+        missing = [c for c in ("response_a", "response_b") if c not in cols]
+        raise DataError(f"{name}: column(s) {missing} missing; every prompt needs two candidate responses "
+                        f"(response_a, response_b), or pass a policy model to sample them; found columns {sorted(cols)}")
+    prompts, a, b = [], [], []
+    for i, row in enumerate(rows):
+        if max_rows is not None and i >= max_rows:
+            break
+        prompts.append(_text(row, "prompt", i, name))
+        a.append(_text(row, "response_a", i, name, candidate=True))
+        b.append(_text(row, "response_b", i, name, candidate=True))
+    if not prompts:
+        raise DataError(f"{name}: no rows")
+    return prompts, a, b
+
+
+def _text(row: Mapping, key: str, i: int, name: str, candidate: bool = False) -> str:
+    value = row.get(key)
+    if isinstance(value, str) and (candidate or value.strip()):
+        return value
+    what = "the candidate response" if candidate else "the prompt"
+    shown = repr(value) if not isinstance(value, str) else "an empty string"
+    raise DataError(f"{name}: row {i} has no {key!r} ({what} is {shown}); every row needs a prompt and two "
+                    "candidate responses (strings: response_a, response_b)")
+
+
+def sample_candidates(policy: Model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
+                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
+                      batch_size: int = 8, chat: bool | str = False) -> tuple[list[str], list[str]]:
+    """Two samples per prompt from `policy` (temperature > 0, so they can differ)."""
+    if not temperature > 0:
+        raise ConfigError(f"sampling two candidates needs temperature > 0, got {temperature}")
+    chat = use_chat(tokenizer, chat)
+    if chat:
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True) for p in prompts]
+    else:
+        texts = list(prompts)
+    ids = [encode_text(tokenizer, t, chat) for t in texts]
+    doubled = [r for r in ids for _ in range(2)]
+    out = generate_texts(policy, tokenizer, doubled, max_new_tokens=max_new_tokens, temperature=temperature,
+                         top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, what="prompt (policy)")
+    return out.texts[0::2], out.texts[1::2]
+
+
+# ---------------------------------------------------------------------------- labeling
+
+
+def label_pairs(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
+                ) -> list[dict]:
+    """Preference rows (see the module docstring) for each (prompt, a, b)."""
+    if not (len(prompts) == len(responses_a) == len(responses_b)):
+        raise DataError(f"{len(prompts)} prompts but {len(responses_a)} / {len(responses_b)} candidate responses")
+    s = judge.settings
+    principles = judge.constitution.draw(len(prompts), seed=s.seed, name=s.principle)
+    r = judge.compare(prompts, responses_a, responses_b, [p.judge_text for p in principles])
+    rows = []
+    for i, prompt in enumerate(prompts):
+        p = float(r["p"][i])
+        a_wins = p >= 0.5
+        pref = min(max(p if a_wins else 1.0 - p, 0.5), 1.0 - 1e-6)
+        rows.append({
+            "prompt": prompt,
+            "chosen": responses_a[i] if a_wins else responses_b[i],
+            "rejected": responses_b[i] if a_wins else responses_a[i],
+            "preference": pref,
+            "margin": math.log(pref) - math.log1p(-pref),
+            "position_consistent": bool(r["consistent"][i]),
+            "principle": principles[i].name,
+            "p_ab": float(r["p_ab"][i]),
+            "p_ba": float(r["p_ba"][i]),
+        })
+    return rows
+
+
+def label(judge_dir: str, data, out: str, *, policy_dir: str | None = None, constitution=None,
+          settings: JudgeSettings | None = None, split: str = "train", max_rows: int | None = None,
+          dtype=None, mesh=None, sample: dict | None = None) -> dict:
+    """`jaxalign label` as a function: read candidates (or sample them from `policy_dir`), judge
+    them with the model in `judge_dir` (tokenizer from the same dir), write the preference
+    dataset to `out` atomically. `sample`: keyword arguments of :func:`sample_candidates`.
+    Returns a summary (rows, agreement rate, mean preference, the output path)."""
+    from jaxalign.data import load_tokenizer
+    from jaxalign.models import load_model
+
+    settings = settings or JudgeSettings()
+    c = load_constitution(constitution)
+    if settings.principle is not None:
+        c.principle(settings.principle)  # fail before loading anything
+    prompts, a, b = read_candidates(data, split, max_rows, need_responses=policy_dir is None)
+    if a is None:
+        policy_tok = load_tokenizer(policy_dir)
+        policy = load_model(policy_dir, dtype=dtype, mesh=mesh)
+        log.info("sampling two candidates for each of %d prompts from %s", len(prompts), policy_dir)
+        a, b = sample_candidates(policy, policy_tok, prompts, **{"seed": settings.seed, **(sample or {})})
+        del policy
+    elif policy_dir is not None:
+        log.warning("%s already has response_a/response_b: the policy %s is not used", data, policy_dir)
+    judge = Judge(load_model(judge_dir, dtype=dtype, mesh=mesh), load_tokenizer(judge_dir), settings, c)
+    rows = label_pairs(judge, prompts, a, b)
+    path = write_rows(out, rows)
+    summary = {"out": path, "rows": len(rows),
+               "position_consistent": float(np.mean([r["position_consistent"] for r in rows])),
+               "mean_preference": float(np.mean([r["preference"] for r in rows])),
+               "identical_pairs": int(sum(r["chosen"] == r["rejected"] for r in rows)),
+               "scoring": judge.labels.scoring, "labels": judge.labels.describe()}
+    return summary
+
+
+# ---------------------------------------------------------------------------- CLI: jaxalign label
+
+
+def add_arguments(parser) -> None:
+    parser.description = ("RLAIF: label pairs of responses with an AI judge (log-probs of its choice tokens, both "
+                          "orders averaged) and write a prompt/chosen/rejected preference dataset.")
+    parser.add_argument("--judge", required=True, help="judge model directory (HF checkpoint + tokenizer)")
+    parser.add_argument("--data", required=True,
+                        help="jsonl/json/parquet file or Hub dataset: prompt + response_a + response_b "
+                             "(or prompt only, with --policy)")
+    parser.add_argument("--out", required=True, help="output preference dataset (.jsonl, .json or .parquet)")
+    parser.add_argument("--policy", default=None, help="sample two candidates per prompt from this model")
+    parser.add_argument("--constitution", default=None, help="constitution YAML (default: the shipped one)")
+    parser.add_argument("--principle", default=None, help="judge every row under this principle (default: random)")
+    parser.add_argument("--template", default=None, help="judge template (a string, or @FILE); fields {prompt}, "
+                                                         "{response_a}, {response_b}, {principle}")
+    parser.add_argument("--chat", choices=("auto", "true", "false"), default="auto",
+                        help="wrap the judge prompt with the judge's chat template (auto: when it has one)")
+    parser.add_argument("--choices", default="A,B", help="the two choice labels, comma-separated")
+    parser.add_argument("--scoring", choices=("auto", "token", "sequence"), default="auto",
+                        help="token: label = one token read at the last position; sequence: full label token "
+                             "sequence log-prob; auto: token when every label is one token")
+    parser.add_argument("--no-leading-space", action="store_true", help="do not count ' A'/' B' variants")
+    parser.add_argument("--split", default="train")
+    parser.add_argument("--max-rows", type=int, default=None)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default=None)
+    parser.add_argument("--mesh", default=None, help="data,fsdp,tensor sizes, e.g. 1,1,8 (default: one device)")
+    g = parser.add_argument_group("sampling candidates (with --policy)")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--policy-chat", action="store_true", help="wrap prompts with the policy's chat template")
+
+
+def run(args) -> dict:
+    """`jaxalign label`."""
+    from jaxalign.algos.constitutional import parse_mesh, read_text_arg
+
+    choices = tuple(args.choices.split(","))
+    if len(choices) != 2:
+        raise ConfigError(f"--choices {args.choices!r}: expected two labels separated by a comma, e.g. A,B")
+    settings = JudgeSettings(template=read_text_arg(args.template),
+                             chat={"auto": "auto", "true": True, "false": False}[args.chat], choices=choices,
+                             leading_space=not args.no_leading_space, scoring=args.scoring,
+                             batch_size=args.batch_size, principle=args.principle, seed=args.seed)
+    sample = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                  batch_size=args.batch_size, chat=args.policy_chat)
+    info = label(args.judge, args.data, args.out, policy_dir=args.policy, constitution=args.constitution,
+                 settings=settings, split=args.split, max_rows=args.max_rows, dtype=args.dtype,
+                 mesh=parse_mesh(args.mesh), sample=sample)
+    print(f"wrote {info['rows']} preference pairs to {info['out']} (position-consistent: "
+          f"{info['position_consistent']:.1%}, mean preference {info['mean_preference']:.3f}, "
+          f"{info['scoring']} scoring: {info['labels']})")
+    return info
+
+
+__all__ = ["JUDGE_TEMPLATE", "Judge", "JudgeSettings", "LabelTokens", "label", "label_pairs", "read_candidates",
+           "sample_candidates"]

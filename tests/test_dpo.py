@@ -1,0 +1,154 @@
+"""DPO: sequence log-probs against transformers, ln 2 at step 0, the three reference
+sources agreeing, SimPO without a reference, a short training run, bad rows."""
+
+import dataclasses
+import math
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from jaxalign.algos import dpo
+from jaxalign.data import load_tokenizer, pad_pairs
+from jaxalign.errors import ConfigError, DataError
+from jaxalign.models.model import load_model
+from jaxalign.parallel.mesh import make_mesh
+from jaxalign.peft import lora
+from jaxalign.train.loop import apply_transforms, train
+from jaxalign.train.metrics import read_metrics
+from tests.test_reward import TINY_ASSETS, letter_prefs, small_run_config
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart", "dpo.yaml")
+
+
+def random_pairs(n=4, seed=0):
+    rng = np.random.RandomState(seed)
+    return [{"prompt_ids": rng.randint(3, 128, rng.randint(2, 6)), "chosen_ids": rng.randint(3, 128, rng.randint(1, 6)),
+             "rejected_ids": rng.randint(3, 128, rng.randint(1, 6)), "margin": 0.0} for _ in range(n)]
+
+
+def test_sequence_logps_match_transformers(hf_model):
+    """Summed response log-probs of chosen and rejected (one forward over both) equal
+    PyTorch's on the same token ids."""
+    torch_model, path = hf_model("qwen2")
+    model = load_model(path, dtype="float32")
+    pairs = random_pairs()
+    batch = pad_pairs(pairs, 12, 0)
+    pc, pr, lc, lr = jax.jit(dpo.pair_logps, static_argnums=(1, 3))(model.params, model.config, batch, 4)
+    for side, ours, lengths in (("chosen", pc, lc), ("rejected", pr, lr)):
+        ref = []
+        for p in pairs:
+            ids = np.concatenate([p["prompt_ids"], p[f"{side}_ids"]])
+            with torch.no_grad():
+                logits = torch_model(input_ids=torch.tensor(ids[None])).logits[0].float()
+            logp = torch.log_softmax(logits, -1)[:-1].gather(-1, torch.tensor(ids[1:, None]))[:, 0].numpy()
+            ref.append(logp[len(p["prompt_ids"]) - 1:].sum())
+        np.testing.assert_allclose(np.asarray(ours), ref, rtol=1e-4, atol=1e-4)
+        np.testing.assert_array_equal(lengths, [len(p[f"{side}_ids"]) for p in pairs])
+
+
+def _objective(tmp_path, path, extra=()):
+    mesh = make_mesh((4, 2, 1))
+    cfg = small_run_config(tmp_path, path, QUICKSTART, ["data.max_eval_examples=16", *extra])
+    model = apply_transforms(load_model(path, dtype="float32", mesh=mesh), cfg)
+    tok = load_tokenizer(TINY_ASSETS)
+    return cfg, model, dpo.build(cfg, model, tok)
+
+
+_JITTED: dict = {}
+
+
+def _loss(objective, params, batch):
+    if id(objective) not in _JITTED:
+        _JITTED[id(objective)] = (objective, jax.jit(objective.loss_fn))
+    sums = _JITTED[id(objective)][1](params, batch, jax.random.key(0))
+    return {k: float(s) / float(c) for k, (s, c) in sums.items()}
+
+
+def test_step0_loss_is_ln2_and_reference_sources_agree(tmp_path, hf_model):
+    """Policy == reference gives ln 2 through the objective's loss_fn on a real batch, for
+    frozen_copy, precomputed and adapters_off. With the policy moved away (LoRA b != 0, and
+    the same weights merged for the dense variants), all three give the same loss != ln 2."""
+    _, path = hf_model("llama", initializer_range=0.05)
+    cfg, model, frozen = _objective(tmp_path / "a", path)
+    assert frozen.summary["dpo"].endswith("reference=frozen_copy")
+    batch = next(frozen.train_batches)
+    params = frozen.init_params(model.params)
+    ref_leaf, policy_leaf = params["reference"]["lm_head"]["kernel"], params["policy"]["lm_head"]["kernel"]
+    pointers = lambda x: {s.data.unsafe_buffer_pointer() for s in x.addressable_shards}  # noqa: E731
+    assert not pointers(ref_leaf) & pointers(policy_leaf)  # a real copy, not shared buffers
+    assert ref_leaf.sharding == policy_leaf.sharding
+    m = _loss(frozen, params, batch)
+    assert m["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert m["rewards/margins"] == pytest.approx(0, abs=1e-6)  # accuracies: ties up to float noise
+
+    _, _, pre = _objective(tmp_path / "b", path, ["dpo.precompute_ref_logps=true"])
+    pre_batch = next(pre.train_batches)
+    np.testing.assert_array_equal(pre_batch["chosen_input_ids"], batch["chosen_input_ids"])  # same seed, same order
+    assert _loss(pre, model.params, pre_batch)["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+    _, lmodel, off = _objective(tmp_path / "c", path, ["lora.rank=4", "lora.targets=[q_proj,v_proj,gate_proj]"])
+    assert off.summary["dpo"].endswith("reference=adapters_off") and off.init_params is None
+    assert _loss(off, lmodel.params, batch)["loss"] == pytest.approx(math.log(2), abs=1e-6)
+
+    # move the policy: random adapters; the dense variants get the same weights merged
+    is_lora = lambda x: isinstance(x, lora.LoraWeight)  # noqa: E731
+    moved = jax.tree.map(lambda w: w.replace(b=jax.random.normal(jax.random.key(2), w.b.shape) * 0.05) if is_lora(w)
+                         else w, lmodel.params, is_leaf=is_lora)
+    merged = lora.merge(moved)
+    got = {
+        "adapters_off": _loss(off, moved, batch),
+        "frozen_copy": _loss(frozen, {"policy": merged, "reference": params["reference"]}, batch),
+        "precomputed": _loss(pre, merged, pre_batch),
+    }
+    assert abs(got["frozen_copy"]["loss"] - math.log(2)) > 1e-3
+    for name in ("adapters_off", "precomputed"):
+        for key in ("loss", "rewards/chosen", "rewards/rejected", "logps/chosen"):
+            assert got[name][key] == pytest.approx(got["frozen_copy"][key], rel=1e-4, abs=1e-5), (name, key)
+
+
+def test_simpo_needs_no_reference_and_ipo_length_normalizes(tmp_path, hf_model):
+    _, path = hf_model("llama")
+    cfg, model, simpo = _objective(tmp_path / "s", path, ["dpo.loss_type=simpo", "dpo.beta=2.0"])
+    assert simpo.summary["dpo"].endswith("reference=none") and simpo.init_params is None
+    batch = next(simpo.train_batches)
+    m = _loss(simpo, model.params, batch)
+    pc, pr, lc, lr = jax.jit(dpo.pair_logps, static_argnums=1)(model.params, model.config, batch)
+    expected = -jax.nn.log_sigmoid(2.0 * (pc / lc - pr / lr) - cfg.dpo.simpo_gamma)
+    assert m["loss"] == pytest.approx(float(np.mean(expected)), rel=1e-4)
+    assert m["logps/chosen"] == pytest.approx(float(np.mean(pc / lc)), rel=1e-4)
+    no_lora = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, reference="adapters_off", loss_type="sigmoid"))
+    with pytest.raises(ConfigError, match="adapters_off needs LoRA"):
+        dpo.resolve_reference(no_lora, has_lora=False)
+
+
+def test_dpo_training_improves_eval_rewards(tmp_path, hf_model):
+    _, path = hf_model("llama", initializer_range=0.02)
+    cfg = small_run_config(tmp_path, path, QUICKSTART, ["train.steps=12", "optim.learning_rate=3e-3"])
+    result = train(cfg)
+    evals = [r for r in read_metrics(str(tmp_path / "run")) if "eval/rewards/accuracies" in r]
+    assert [r["step"] for r in evals] == [0, 12]
+    first, last = evals
+    assert first["eval/loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert last["eval/rewards/accuracies"] > 0.8 and last["eval/rewards/margins"] > 0.5, last
+    assert last["eval/loss"] < 0.5
+    assert "eval/length_correlation" in last and "eval/accuracy_chosen_shorter" in last
+    assert np.isfinite(result["loss"])
+    exported = load_model(str(tmp_path / "run" / "final"))  # the policy, as a causal LM
+    assert "lm_head" in exported.params and "reference" not in exported.params
+
+
+def test_bad_rows_dropped_and_counted_or_named(tmp_path, hf_model):
+    _, path = hf_model("llama")
+    data = tmp_path / "bad.jsonl"
+    good = open(letter_prefs(tmp_path / "good.jsonl", 32, 0)).read()
+    data.write_text('{"prompt": "say: a\\n", "chosen": "ab", "rejected": "ab"}\n'
+                    '{"prompt": "say: a\\n", "chosen": "", "rejected": "cd"}\n' + good)
+    _, _, objective = _objective(tmp_path / "x", path, [f"data.train={data}", "data.eval=null"])
+    stats = objective.summary["train data"]
+    assert stats["examples"] == 32 and stats["drop_reasons"] == {"chosen_equals_rejected": 1, "empty_response": 1}
+    with pytest.raises(DataError, match="row 0: .*identical"):
+        _objective(tmp_path / "y", path, [f"data.train={data}", "data.eval=null", "data.on_bad_row=error"])

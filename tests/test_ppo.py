@@ -1,0 +1,287 @@
+"""PPO / GRPO / RLOO: the pieces of one rollout, learning on toy rewards, shared-base memory,
+exact resume, and the errors for bad settings and inputs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxalign.algos import ppo
+from jaxalign.algos.rollout import RewardModel, load_prompts
+from jaxalign.config import load_config
+from jaxalign.errors import ConfigError
+from jaxalign.parallel.mesh import MeshConfig, make_mesh
+from jaxalign.train.loop import apply_transforms, build_model, load_tokenizer, train
+from jaxalign.train.metrics import read_metrics
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOKENIZER = os.path.join(ROOT, "jaxalign", "assets", "tiny")
+# The embedded character tokenizer has 104 tokens: a random model over exactly those ids.
+TINY = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 104, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+        "max_position_embeddings": 64, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+        "initializer_range": 0.2, "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
+LETTERS = "abcdefghijklmnopqrstuvwxyz"
+
+
+def letter_fraction(prompts, completions):
+    """Toy reward: the fraction of the completion's characters that are lowercase letters."""
+    return [sum(c in LETTERS for c in text) / max(len(text), 1) for text in completions]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """A tiny random model's config.json and 64 prompts ("say: <letters>")."""
+    d = tmp_path_factory.mktemp("ppo")
+    (d / "config.json").write_text(json.dumps(TINY))
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": "say: " + "".join(rng.choice(list(LETTERS), rng.integers(2, 6)))} for _ in range(64)]
+    (d / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny(files):
+    """(model, tokenizer), built once as the loop builds them (8 simulated devices)."""
+    cfg = _config(files, "ppo", "unused")
+    return build_model(cfg, make_mesh(MeshConfig(-1, 1, 1))), load_tokenizer(cfg)
+
+
+def _config(files, algorithm, out, extra=()):
+    overrides = [
+        f"algorithm={algorithm}", f"output_dir={out}", f"model.config={files / 'config.json'}",
+        f"model.tokenizer={TOKENIZER}", f"data.train={files / 'prompts.jsonl'}", "data.eval=null",
+        "train.batch_size=8", "train.log_every=1", "train.async_checkpoints=false", "train.export=false",
+        "train.save_every=null", "train.steps=4", "optim.learning_rate=3e-3", "optim.schedule=constant",
+        "ppo.num_minibatches=2", "ppo.ppo_epochs=2", "ppo.response_length=8", "ppo.max_prompt_length=12",
+        "ppo.reward_fn=tests.test_ppo:letter_fraction"]
+    if algorithm != "ppo":
+        overrides.append("ppo.group_size=4")
+    return load_config(None, overrides + list(extra))
+
+
+def _objective(cfg, tiny):
+    """What the loop does before its first step: transforms, build, init_params, partition, bind."""
+    from jaxalign.train.loop import partition_params
+
+    model, tokenizer = tiny
+    model = apply_transforms(model, cfg)
+    objective = ppo.build(cfg, model, tokenizer)
+    params = objective.init_params(model.params)
+    trainable, frozen, combine = partition_params(params, objective.trainable_mask)
+    objective.bind_params(lambda: combine(trainable, frozen))
+    return model, objective, params, (trainable, frozen)
+
+
+def _records(run_dir):
+    return {r["step"]: r for r in read_metrics(str(run_dir)) if "loss" in r}
+
+
+# ---------------------------------------------------------------------------- one rollout
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_first_minibatch_of_a_rollout(files, tiny, lora):
+    """Policy == reference at the start (a frozen copy; or adapters with b = 0 vs adapters off):
+    KL 0, ratio 1, nothing clipped; the log-probs recomputed at the rollout temperature (0.7)
+    equal the sampler's; masks and shapes of the experience line up."""
+    extra = ["lora.rank=4", "lora.alpha=8"] if lora else []
+    cfg = _config(files, "ppo", "unused", extra)
+    model, objective, params, _ = _objective(cfg, tiny)
+    batch = next(objective.train_batches)
+    b, p, n = 8, cfg.ppo.max_prompt_length, cfg.ppo.response_length
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (b, p + n)
+    for key in ("response_mask", "old_logprobs", "old_values", "advantages", "returns"):
+        assert batch[key].shape == (b, n), key
+    m = batch["response_mask"]
+    assert np.array_equal(batch["attention_mask"][:, p:], m)
+    assert np.all(np.diff(m, axis=1) <= 0) and np.all(m[:, 0] == 1)  # a prefix of ones per row
+    for key in ("old_logprobs", "advantages", "returns", "old_values"):
+        assert np.all(batch[key][m == 0] == 0), key
+    assert np.all(batch["input_ids"][:, p:][m == 0] == tiny[1].pad_token_id)  # pad after the stop, never EOS
+    stats = dict(zip(objective.train_batches.stat_names, batch["rollout_stats"][0]))
+    assert stats["kl"] == pytest.approx(0.0, abs=1e-5)
+    assert stats["sampler_logprob_error"] < 1e-4  # full forward at temperature 0.7 == the sampler's log-probs
+
+    sums = jax.jit(objective.loss_fn)(params, batch, jax.random.key(0))
+    metrics = {k: float(s / c) for k, (s, c) in sums.items()}
+    assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["clipfrac"] == 0.0 and metrics["approx_kl"] < 1e-10
+    assert metrics["value_clipfrac"] == 0.0
+    assert np.isfinite(metrics["loss"])
+
+
+def test_rewards_kl_gae_and_group_advantages():
+    """PPO rewards = -kl_coef * KL_t everywhere + score at the last response token; GAE with
+    gamma = lam = 1 and zero values gives returns = reward-to-go; GRPO/RLOO broadcast."""
+    logp = jnp.array([[-1.0, -2.0, -0.5, 0.0], [-1.0, -1.0, -1.0, -1.0]])
+    ref = jnp.array([[-1.5, -1.0, -0.5, 0.0], [-1.0, -2.0, -1.0, -1.0]])
+    mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]])
+    scores = jnp.array([2.0, -1.0])
+    kw = dict(kind="k1", gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False, group_size=1,
+              scale_rewards=True)
+    adv, ret, kl, rewards = ppo.advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1, algorithm="ppo", **kw)
+    expected_kl = (logp - ref) * mask  # k1 = log pi - log ref
+    np.testing.assert_allclose(kl, expected_kl, atol=1e-6)
+    expected = -0.1 * expected_kl
+    expected = expected.at[0, 2].add(2.0).at[1, 3].add(-1.0)  # score at the last response token
+    np.testing.assert_allclose(rewards, expected, atol=1e-6)
+    to_go = jnp.cumsum(expected[:, ::-1], axis=1)[:, ::-1] * mask
+    np.testing.assert_allclose(ret, to_go, atol=1e-6)
+    np.testing.assert_allclose(adv, to_go, atol=1e-6)
+    adv, _, _, _ = ppo.advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1, algorithm="ppo",
+                                  **{**kw, "whiten_advantages": True})
+    assert float(jnp.sum(adv * mask)) == pytest.approx(0.0, abs=1e-5) and np.all(np.asarray(adv)[mask == 0] == 0)
+
+    scores4 = jnp.array([1.0, 0.0, 0.0, 1.0])
+    mask4 = jnp.ones((4, 3)).at[1, 2].set(0)
+    z = jnp.zeros((4, 3))
+    adv, *_ = ppo.advantages(z, z, z, scores4, mask4, 0.0, algorithm="rloo", **{**kw, "group_size": 4})
+    base = (scores4.sum() - scores4) / 3
+    np.testing.assert_allclose(adv, (scores4 - base)[:, None] * mask4, atol=1e-6)
+    adv, *_ = ppo.advantages(z, z, z, scores4, mask4, 0.0, algorithm="grpo", **{**kw, "group_size": 2})
+    np.testing.assert_allclose(adv[:, 0], [0.7071, -0.7071, -0.7071, 0.7071], atol=1e-3)  # (s - mean) / (std + eps)
+
+
+# ---------------------------------------------------------------------------- learning, resume
+
+
+def _rises(records):
+    steps = sorted(records)
+    first = np.mean([records[s]["rollout/score"] for s in steps[:4]])
+    last = np.mean([records[s]["rollout/score"] for s in steps[-4:]])
+    assert last > first + 0.15, (first, last)
+    assert all(np.isfinite(r["loss"]) for r in records.values())
+
+
+def test_ppo_raises_the_toy_reward_and_resumes_exactly(files, tmp_path):
+    """24 steps (12 rollouts) of PPO with an adaptive KL coefficient raise the toy reward;
+    resuming from the step-16 checkpoint reproduces steps 17-24 (same rollouts, same updates,
+    same KL coefficient)."""
+    import shutil
+
+    extra = ["train.steps=24", "train.save_every=4", "ppo.ppo_epochs=1", "ppo.kl_coef=0.01",
+             "ppo.adaptive_kl=true", "ppo.target_kl=1.0", "ppo.kl_horizon=100"]
+    train(_config(files, "ppo", tmp_path / "full", extra))
+    full = _records(tmp_path / "full")
+    _rises(full)
+    assert full[24]["rollout/kl_coef"] != full[1]["rollout/kl_coef"]  # the controller moved
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    for step in (20, 24):
+        shutil.rmtree(tmp_path / "resumed" / "checkpoints" / str(step))
+    train(_config(files, "ppo", tmp_path / "resumed", extra))
+    resumed = _records(tmp_path / "resumed")
+    assert sorted(resumed) == list(range(1, 25))
+    for step in range(17, 25):
+        for key in ("loss", "rollout/score", "rollout/kl", "rollout/kl_coef", "value_loss", "clipfrac"):
+            assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_grpo_raises_the_toy_reward(files, tmp_path):
+    train(_config(files, "grpo", tmp_path, ["train.steps=24", "ppo.ppo_epochs=1", "ppo.beta=0.01"]))
+    records = _records(tmp_path)
+    _rises(records)
+    assert "kl" in records[24]  # beta > 0: the k3 KL to the reference is in the loss
+
+
+# ---------------------------------------------------------------------------- memory
+
+
+def test_lora_policy_reference_value_and_reward_share_one_base(files, tiny, tmp_path):
+    """LoRA: reference = adapters off, value = its own adapters + head on the same base arrays,
+    reward model = a LoRA reward adapter of the same base: one copy of the base weights."""
+    from jaxalign.models import heads
+    from jaxalign.peft import lora
+
+    model, _ = tiny
+    rm = heads.add_score_head(lora.apply(model.params, 4, 8, "all-linear", jax.random.key(7)), model.config,
+                              jax.random.key(8))
+    heads.save_reward_adapter(rm, str(tmp_path / "rm_adapter"))
+    cfg = _config(files, "ppo", "unused", ["lora.rank=4", "lora.alpha=8", "lora.targets=all-linear",
+                                           "ppo.reward_fn=null", f"ppo.reward_adapter={tmp_path / 'rm_adapter'}"])
+    model, objective, params, (trainable, frozen) = _objective(cfg, tiny)
+    assert objective.summary["base_weight_copies"] == pytest.approx(1.0)
+    # What the jitted step receives: the trainable tree holds no base weight at all ...
+    assert all(x.size < model.config.hidden_size * model.config.intermediate_size
+               for x in jax.tree.leaves(trainable))
+    # ... and every base array of the value model is the policy's own array object.
+    pol = jax.tree.leaves(ppo._bases(params["policy"]["model"]))
+    val = jax.tree.leaves(ppo._bases(params["value"]["model"]))
+    assert len(pol) == len(val) and all(a is b for a, b in zip(pol, val))
+    batch = next(objective.train_batches)  # the reward adapter scores on the shared base
+    assert np.all(np.isfinite(batch["advantages"]))
+
+    # LoRA, value model = fresh adapters + head on the policy's base, reward = a function: one copy.
+    lora_fn = _config(files, "ppo", "unused", ["lora.rank=4", "lora.alpha=8", "ppo.value_model=policy"])
+    assert _objective(lora_fn, tiny)[1].summary["base_weight_copies"] == pytest.approx(1.0)
+    # No LoRA: policy, a frozen reference copy and a trainable value copy (lm_head-less): ~3.
+    copies = ppo.build(_config(files, "ppo", "unused"), *tiny).summary["base_weight_copies"]
+    assert 2.5 < copies <= 3.0
+
+
+# ---------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.top_p=1.5", r"top_p must be in \(0, 1\]"),
+    ("ppo.temperature=-1", "temperature must be > 0"),
+    ("ppo.temperature=0", "temperature must be > 0"),
+    ("ppo.reward_fn=null", "exactly one of ppo.reward_model"),
+    ("ppo.reward_fn=nosuchmodule:fn", "cannot import 'nosuchmodule'"),
+    ("ppo.group_size=1", "group_size must be >= 2"),
+    ("train.save_every=3", "multiple of the optimizer steps per rollout"),
+    ("ppo.response_length=60", "exceeds the model's context"),
+])
+def test_bad_settings_fail_at_build(files, tiny, override, message):
+    cfg = _config(files, "grpo", "unused", [override])
+    with pytest.raises(ConfigError, match=message):
+        ppo.build(cfg, *tiny)
+
+
+def test_long_prompts_are_truncated_on_the_left_or_skipped(tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    rows = [{"prompt": "x" * 30}, {"prompt": "short"}, {"prompt": [{"role": "user", "content": "hi"}]}, {"text": "?"}]
+    kept = load_prompts(rows, tok, max_prompt_length=10, truncation="left")
+    assert kept.stats.truncated == 1 and kept.stats.drop_reasons == {"missing_prompt": 1} and len(kept) == 3
+    assert list(kept.ids[0]) == [tok.bos_token_id] + [tok.convert_tokens_to_ids("x")] * 9  # BOS kept, tail kept
+    skipped = load_prompts(rows, tok, max_prompt_length=10, truncation="skip")
+    assert len(skipped) == 2 and skipped.stats.drop_reasons["too_long"] == 1
+    with pytest.raises(Exception, match="no usable prompts"):
+        load_prompts(rows[:1], tok, max_prompt_length=10, truncation="skip")
+
+
+def test_reward_model_with_another_tokenizer_rescores_the_decoded_text(tmp_path):
+    """A reward model whose tokenizer differs from the policy's scores the re-tokenized text:
+    the same as scoring that text directly."""
+    from transformers import AutoTokenizer
+
+    import jaxalign as ja
+    from jaxalign.models import heads
+    from jaxalign.models.config import from_hf_dict
+
+    policy_tok = AutoTokenizer.from_pretrained(TOKENIZER)
+    other = AutoTokenizer.from_pretrained(TOKENIZER)
+    other.add_tokens(["hello"])  # a different vocabulary: "hello" is one token here
+    config = from_hf_dict({**TINY, "vocab_size": 105})
+    rm = ja.init_model(config, jax.random.key(3))
+    params = heads.add_score_head(rm.params, config, jax.random.key(4))
+    scorer = RewardModel(params, config, None, other, policy_tok)
+    assert scorer.retokenize
+    prompt = policy_tok.encode("say: hello", add_special_tokens=True)
+    resp = policy_tok.encode("hello", add_special_tokens=False) + [policy_tok.eos_token_id]
+    p, n = 12, 8
+    ids = np.zeros((1, p + n), np.int32)
+    mask = np.zeros_like(ids)
+    ids[0, p - len(prompt):p], mask[0, p - len(prompt):p] = prompt, 1
+    ids[0, p:p + len(resp)], mask[0, p:p + len(resp)] = resp, 1
+    batch = {"input_ids": ids, "attention_mask": mask, "eos": np.array([1]),
+             "response_mask": mask[:, p:]}
+    got = scorer(batch, p)
+    direct = other.encode("say: hellohello", add_special_tokens=True) + [other.eos_token_id]
+    want = heads.sequence_scores(params, config, jnp.asarray([direct]), jnp.ones((1, len(direct)), jnp.int32))
+    np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5)
