@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from jaxalign.errors import ConfigError
+from jaxalign.parallel.mesh import MeshConfig
 
 
 @dataclasses.dataclass
@@ -86,25 +87,6 @@ class TrainSection:
     on_nonfinite: str = "stop"
     logprob_chunk: int = 128
     export: bool = True
-
-
-@dataclasses.dataclass
-class MeshSection:
-    """Device mesh axis sizes (-1: all remaining devices).
-
-    data/fsdp/tensor are the total sizes. For slices (TPU multislice) or hosts joined by a
-    slower network (DCN), dcn_* split an axis into dcn_* (outer, across slices) x
-    size/dcn_* (inner, within a slice over ICI/NVLink). Any dcn_* > 1 builds a hybrid mesh;
-    their product must equal the number of slices (or of processes, where devices have no
-    slice index).
-    """
-
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
 
 
 @dataclasses.dataclass
@@ -234,7 +216,7 @@ class Config:
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
-    mesh: MeshSection = dataclasses.field(default_factory=MeshSection)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     lora: LoraSection = dataclasses.field(default_factory=LoraSection)
     quantization: QuantizationSection = dataclasses.field(default_factory=QuantizationSection)
     distributed: DistributedSection = dataclasses.field(default_factory=DistributedSection)

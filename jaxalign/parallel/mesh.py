@@ -16,7 +16,15 @@ MESH_AXES = ("data", "fsdp", "tensor")
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Sizes of the mesh axes; one of them may be -1 (takes the remaining devices)."""
+    """Sizes of the mesh axes (the run config's `mesh:` section); one of data/fsdp/tensor
+    may be -1 (takes the remaining devices).
+
+    data/fsdp/tensor are the total sizes. For slices (TPU multislice) or hosts joined by a
+    slower network (DCN), dcn_* split an axis into dcn_* (outer, across slices) x
+    size/dcn_* (inner, within a slice over ICI/NVLink). Any dcn_* > 1 builds a hybrid mesh;
+    their product must equal the number of slices (or of processes, where devices have no
+    slice index).
+    """
 
     data: int = -1
     fsdp: int = 1

@@ -18,7 +18,7 @@ from jaxalign.errors import CheckpointError, ConfigError, JaxalignError
 from jaxalign.models.config import from_hf_dict
 from jaxalign.models.model import Model, init_model, load_model
 from jaxalign.parallel import distributed
-from jaxalign.parallel.mesh import MeshConfig, make_mesh
+from jaxalign.parallel.mesh import make_mesh
 from jaxalign.parallel.rules import batch_sharding, named_shardings
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.metrics import MetricsLogger
@@ -150,8 +150,7 @@ def train(cfg: Config) -> dict:
     os.makedirs(out_dir, exist_ok=True)
     if jax.process_index() == 0:
         save_config(cfg, os.path.join(out_dir, "config.yaml"))
-    m = cfg.mesh
-    mesh = make_mesh(MeshConfig(m.data, m.fsdp, m.tensor, m.dcn_data, m.dcn_fsdp, m.dcn_tensor))
+    mesh = make_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg)
     model = apply_transforms(build_model(cfg, mesh), cfg)
     objective = get_builder(cfg.algorithm)(cfg, model, tokenizer)
