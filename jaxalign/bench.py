@@ -158,15 +158,26 @@ def bench_sft(batch: int, seq: int, iters: int, with_trl: bool, compute_dtype: s
         result["mfu"] = round(tokens_per_s * flops / (peak_tflops * 1e12), 4)
     del holder, state
     if with_trl:
-        result.update(_trl_sft_tokens_per_s(checkpoint, ids, iters))
+        result.update(_in_fresh_process(_trl_sft_tokens_per_s, checkpoint, ids, iters, remat != "none"))
         result["speedup_vs_trl"] = round(result["tokens_per_s"] / result["trl_tokens_per_s"], 2)
     if tmp is not None:
         tmp.cleanup()
     return result
 
 
-def _trl_sft_tokens_per_s(checkpoint: str, ids: np.ndarray, iters: int) -> dict:
-    """TRL SFTTrainer (PyTorch, fp32) on the same checkpoint and token batch; timed per step."""
+def _in_fresh_process(fn, *args):
+    """fn(*args) in a spawned interpreter, so the reference runs without this process's
+    XLA thread pools or heap alongside it."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(fn, args)
+
+
+def _trl_sft_tokens_per_s(checkpoint: str, ids: np.ndarray, iters: int, gradient_checkpointing: bool) -> dict:
+    """TRL SFTTrainer (PyTorch, fp32) on the same checkpoint and token batch; timed per step
+    (run by `bench_sft` in a fresh process). Gradient checkpointing is set to match
+    jaxalign's remat (TRL turns it on by default), so both do the same arithmetic."""
     import datasets
     import torch
     import transformers
@@ -190,13 +201,14 @@ def _trl_sft_tokens_per_s(checkpoint: str, ids: np.ndarray, iters: int) -> dict:
     with tempfile.TemporaryDirectory() as out:
         args = SFTConfig(output_dir=out, per_device_train_batch_size=batch, max_length=seq, max_steps=2 + iters,
                          learning_rate=1e-5, logging_steps=1000, save_strategy="no", report_to=[], use_cpu=True,
-                         dataloader_num_workers=0, packing=False, bf16=False, fp16=False, disable_tqdm=True)
+                         dataloader_num_workers=0, packing=False, bf16=False, fp16=False, disable_tqdm=True,
+                         gradient_checkpointing=gradient_checkpointing)
         trainer = SFTTrainer(model=model, args=args, train_dataset=datasets.Dataset.from_list(rows),
                              processing_class=tok, callbacks=[Timer()])
         trainer.train()
     step_s = float(np.mean(times[2:]))
     return {"trl_step_s": round(step_s, 4), "trl_tokens_per_s": round(batch * seq / step_s, 1),
-            "torch_threads": torch.get_num_threads()}
+            "trl_gradient_checkpointing": gradient_checkpointing, "torch_threads": torch.get_num_threads()}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -85,7 +85,7 @@ class TrainSection:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     on_nonfinite: str = "stop"
-    logprob_chunk: int = 128
+    logprob_chunk: int | None = None
     export: bool = True
 
 

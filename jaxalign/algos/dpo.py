@@ -45,7 +45,7 @@ REFERENCES = ("adapters_off", "frozen_copy", "precomputed", "none")
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
-def sequence_logps(params, config, batch: dict, chunk_size: int = 128):
+def sequence_logps(params, config, batch: dict, chunk_size: int | None = None):
     """Summed response log-probs and response lengths of a batch of sequences.
 
     batch: `input_ids`, `positions`, `segment_ids`, `loss_mask` `[N, T]` (loss_mask marks
@@ -56,7 +56,7 @@ def sequence_logps(params, config, batch: dict, chunk_size: int = 128):
     return jnp.sum(jnp.where(m, logp, 0.0), axis=1), jnp.sum(m, axis=1).astype(jnp.float32)
 
 
-def pair_logps(params, config, batch: dict, chunk_size: int = 128):
+def pair_logps(params, config, batch: dict, chunk_size: int | None = None):
     """`(chosen_logps [B], rejected_logps [B], chosen_lengths [B], rejected_lengths [B])` of a
     preference batch, from one forward pass over chosen and rejected concatenated."""
     logps, lengths = sequence_logps(params, config, concat_sides(batch), chunk_size)
@@ -86,7 +86,7 @@ def resolve_reference(cfg, has_lora: bool) -> str:
     return ref
 
 
-def dpo_pair_outputs(params, config, batch: dict, *, reference: str, d, chunk_size: int = 128) -> dict:
+def dpo_pair_outputs(params, config, batch: dict, *, reference: str, d, chunk_size: int | None = None) -> dict:
     """Per-pair DPO quantities `[B]` for a preference batch.
 
     params: the model params (reference adapters_off / precomputed / none) or
@@ -125,7 +125,7 @@ def dpo_pair_outputs(params, config, batch: dict, *, reference: str, d, chunk_si
             "logps/chosen": pc, "logps/rejected": pr, "chosen_length": lc, "rejected_length": lr, "valid": valid}
 
 
-def dpo_sums(params, config, batch: dict, *, reference: str, d, chunk_size: int = 128) -> dict:
+def dpo_sums(params, config, batch: dict, *, reference: str, d, chunk_size: int | None = None) -> dict:
     """`{name: (sum, count)}` over the valid pairs: loss and TRL's reward/logp metrics."""
     o = dpo_pair_outputs(params, config, batch, reference=reference, d=d, chunk_size=chunk_size)
     rc, rr = jax.lax.stop_gradient(o["rewards/chosen"]), jax.lax.stop_gradient(o["rewards/rejected"])

@@ -1,9 +1,12 @@
 """Log-probabilities of label tokens, computed in chunks over the sequence.
 
 The one log-prob function every objective uses (SFT cross-entropy, DPO sequence log-probs,
-PPO ratios). Logits are formed chunk by chunk from the final hidden states and the LM
-head, reduced to per-token statistics in f32, and rematerialized in the backward pass,
-so `[B, T, V]` f32 logits never exist at once (vocabularies are 128k-152k).
+PPO ratios). When the batch's f32 logits are small (at most `LOGITS_BUDGET_BYTES`) they
+are formed in one piece and kept for the backward pass, which then costs two LM-head
+matmuls. Larger ones are formed chunk by chunk over the sequence from the final hidden
+states, reduced to per-token statistics in f32 and rematerialized in the backward pass,
+so `[B, T, V]` f32 logits never exist at once (vocabularies are 128k-152k); that trades
+a third LM-head matmul for the memory.
 """
 
 from __future__ import annotations
@@ -14,26 +17,41 @@ import jax.numpy as jnp
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.llama import hidden_states, unembed
 
+# Largest f32 logits tensor formed in one piece when no chunk size is given (1 GiB).
+LOGITS_BUDGET_BYTES = 1 << 30
+# Sequence chunk used when the logits exceed the budget.
+DEFAULT_CHUNK = 128
+
 
 def _chunk_stats(params, config: ModelConfig, hidden, labels, temperature):
     logits = unembed(params, hidden, config).astype(jnp.float32) / temperature
-    lse = jax.nn.logsumexp(logits, axis=-1)
-    label_logit = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
-    probs = jax.nn.softmax(logits, axis=-1)
-    entropy = lse - jnp.sum(probs * logits, axis=-1)
-    correct = jnp.argmax(logits, axis=-1) == labels
-    return label_logit - lse, entropy, correct
+    top = jax.lax.stop_gradient(jnp.max(logits, axis=-1))
+    shifted = logits - top[..., None]
+    exp = jnp.exp(shifted)
+    total = jnp.sum(exp, axis=-1)
+    lse = jnp.log(total)
+    label_shifted = jnp.take_along_axis(shifted, labels[..., None], axis=-1)[..., 0]
+    entropy = lse - jnp.sum(exp * shifted, axis=-1) / total
+    correct = label_shifted >= 0  # the label attains the max logit (ties count as correct)
+    return label_shifted - lse, entropy, correct
 
 
-def label_logprobs(params, config: ModelConfig, hidden, labels, *, chunk_size: int = 128, temperature: float = 1.0):
+def label_logprobs(params, config: ModelConfig, hidden, labels, *, chunk_size: int | None = None,
+                   temperature: float = 1.0):
     """Per-token statistics of predicting `labels` from `hidden`.
 
     hidden [B, T, D] (final-norm hidden states), labels [B, T] int (the token each position
     predicts). Returns (logp, entropy, correct), each [B, T]: log p(label) under
-    softmax(logits / temperature), the distribution's entropy, and whether label is the argmax.
+    softmax(logits / temperature), the distribution's entropy, and whether label attains
+    the largest logit. chunk_size: sequence positions per chunk; None picks the whole
+    sequence when its logits fit `LOGITS_BUDGET_BYTES`, else `DEFAULT_CHUNK`.
     """
     b, t, d = hidden.shape
-    c = min(chunk_size, t)
+    if chunk_size is None:
+        chunk_size = t if b * t * config.vocab_size * 4 <= LOGITS_BUDGET_BYTES else DEFAULT_CHUNK
+    if chunk_size >= t:
+        return _chunk_stats(params, config, hidden, labels, temperature)
+    c = chunk_size
     pad = (-t) % c
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -51,7 +69,8 @@ def label_logprobs(params, config: ModelConfig, hidden, labels, *, chunk_size: i
     return unchunk(logp), unchunk(ent), unchunk(cor)
 
 
-def token_logprobs(params, config: ModelConfig, batch: dict, *, chunk_size: int = 128, temperature: float = 1.0):
+def token_logprobs(params, config: ModelConfig, batch: dict, *, chunk_size: int | None = None,
+                   temperature: float = 1.0):
     """Log-prob stats of each token given its prefix, for a batch dict.
 
     batch: input_ids, positions, segment_ids [B, T]. Returns (logp, entropy, correct) [B, T]

@@ -91,7 +91,7 @@ class LossSettings:
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     beta: float = 0.0
-    chunk_size: int = 128
+    chunk_size: int | None = None
     stats: tuple[str, ...] = ()
 
 

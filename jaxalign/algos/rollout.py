@@ -170,7 +170,7 @@ def sample(params, config: ModelConfig, prompt_ids: np.ndarray, prompt_mask: np.
 
 
 def response_logprobs(params, config: ModelConfig, input_ids, attention_mask, prompt_length: int, *,
-                      temperature: float, chunk_size: int = 128):
+                      temperature: float, chunk_size: int | None = None):
     """(logp, entropy) `[B, N]` of each response token under softmax(logits / temperature):
     entry `i` scores token `input_ids[:, P + i]` from position `P + i - 1` (`P = prompt_length`)."""
     mask = attention_mask.astype(jnp.int32)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 from jaxalign.algos.logprobs import shifted_targets_mask, token_logprobs
 
 
-def sft_sums(params, config, batch: dict, chunk_size: int = 128) -> dict:
+def sft_sums(params, config, batch: dict, chunk_size: int | None = None) -> dict:
     """{name: (sum, count)} for a batch with input_ids, positions, segment_ids, loss_mask [B, T].
 
     loss: summed negative log-likelihood of every target token (loss_mask marks targets);

@@ -13,6 +13,7 @@ layer's slice of every leaf, so weight types work unchanged under `nn.scan`.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 
@@ -30,7 +31,7 @@ def linear(x, w, bias=None):
     if is_weight_type(w):
         y = w.linear(x)
     else:
-        y = jnp.dot(x, w.astype(x.dtype))
+        y = matmul(x, w.astype(x.dtype))
     if bias is not None:
         y = y + bias.astype(y.dtype)
     return y
@@ -46,3 +47,28 @@ def embed(ids, table, dtype):
 def dense(w):
     """The plain array a leaf stands for (identity on arrays)."""
     return w.dense() if is_weight_type(w) else w
+
+
+@jax.custom_vjp
+def matmul(x, w):
+    """`x [..., in] @ w [in, out]` whose backward pass is written out (see `_matmul_bwd`)."""
+    return jnp.dot(x, w)
+
+
+def _matmul_fwd(x, w):
+    return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(res, dy):
+    """dx = dy w^T, dw = x^T dy summed over leading axes. The cotangent is materialized
+    first (an optimization barrier) so the compiler feeds both products a plain row-major
+    array rather than fusing dy's elementwise producers into them; on XLA:CPU the fused
+    form falls off the fast GEMM path and costs about a third more backward time."""
+    x, w = res
+    dy = jax.lax.optimization_barrier(dy)
+    dx = jnp.dot(dy, w.T)
+    dw = jnp.einsum("...i,...o->io", x, dy)
+    return dx, dw
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)

@@ -87,15 +87,20 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, sc
         count = jnp.maximum(sums["loss"][1], 1)
         grads = jax.tree.map(lambda g: g / count, grads)
         grad_norm = optax.global_norm(grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         metrics = {name: s / jnp.maximum(c, 1) for name, (s, c) in sums.items()}
         finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)  # noqa: E731
+
+        def apply(params, opt_state):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        # A non-finite step leaves params and optimizer state as they were (a branch, not
+        # an elementwise select over every parameter and moment).
+        params, opt_state = jax.lax.cond(finite, apply, lambda p, o: (p, o), state.params, state.opt_state)
         new_state = TrainState(
             step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
+            params=params,
+            opt_state=opt_state,
             rng=jax.random.key_data(rng),
         )
         metrics.update(
