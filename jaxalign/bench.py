@@ -104,6 +104,18 @@ def train_flops_per_token(config, seq: int) -> float:
     return 6 * n + attention
 
 
+def gemm_tflops(m: int, k: int, n: int, dtype: str, iters: int = 5) -> float:
+    """Measured TFLOP/s of one jitted [m, k] x [k, n] matmul: the arithmetic ceiling a
+    training step of that size can approach on this device."""
+    import jax.numpy as jnp
+
+    a = jnp.ones((m, k), dtype)
+    b = jnp.ones((k, n), dtype)
+    f = jax.jit(jnp.dot)
+    _, s = _time(lambda: f(a, b).block_until_ready(), warmup=2, iters=iters)
+    return 2 * m * k * n / s / 1e12
+
+
 def peak_memory_bytes() -> int:
     """Peak device memory where the backend reports it (GPU/TPU), else the process's peak RSS."""
     stats = jax.devices()[0].memory_stats() or {}
@@ -153,7 +165,13 @@ def bench_sft(batch: int, seq: int, iters: int, with_trl: bool, compute_dtype: s
         "compute_dtype": compute_dtype, "batch": batch, "seq": seq, "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
         "model_tflops_per_s": round(tokens_per_s * flops / 1e12, 4), "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3),
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
+    # Roofline on this device: the step's model FLOPs at the measured rate of the model's
+    # largest matmul (hidden x vocab over the batch's tokens).
+    gemm = gemm_tflops(batch * seq, config.hidden_size, config.vocab_size, compute_dtype)
+    result["gemm_tflops_per_s"] = round(gemm, 4)
+    result["step_s_at_gemm_rate"] = round(batch * seq * flops / (gemm * 1e12), 4)
     if peak_tflops:
         result["mfu"] = round(tokens_per_s * flops / (peak_tflops * 1e12), 4)
     del holder, state

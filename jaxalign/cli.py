@@ -27,7 +27,17 @@ def _plot(args) -> None:
     print(plot_run(args.run_dir, args.out))
 
 
+# Commands that run models; from the shell they start with the tuned allocator (jaxalign.runtime).
+MODEL_COMMANDS = ("train", "bench", "pipeline", "generate", "label", "cai")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line. From the shell (argv None), model commands first re-execute the
+    process with the allocator setting of `jaxalign.runtime`."""
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] in MODEL_COMMANDS:
+        from jaxalign.runtime import reexec_with_malloc_tuning
+
+        reexec_with_malloc_tuning()
     parser = argparse.ArgumentParser(prog="jaxalign", description="Align causal LMs with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
