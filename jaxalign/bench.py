@@ -41,15 +41,25 @@ def make_bench_checkpoint(path: str, dtype: str = "float32") -> str:
 
 def _time(fn, warmup: int, iters: int) -> tuple[float, float]:
     """(first-call seconds, mean seconds per call after warmup)."""
+    return _time_and_faults(fn, warmup, iters)[:2]
+
+
+def _time_and_faults(fn, warmup: int, iters: int) -> tuple[float, float, float]:
+    """(first-call seconds, mean seconds per call after warmup, minor page faults per call
+    after warmup: memory the process maps afresh on every call)."""
+    import resource
+
     t0 = time.perf_counter()
     fn()
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
         fn()
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     t0 = time.perf_counter()
     for _ in range(iters):
         fn()
-    return first, (time.perf_counter() - t0) / iters
+    seconds = (time.perf_counter() - t0) / iters
+    return first, seconds, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / iters
 
 
 def bench_forward(batch: int, seq: int, iters: int, with_torch: bool, checkpoint: str | None = None) -> dict:
@@ -157,7 +167,7 @@ def bench_sft(batch: int, seq: int, iters: int, with_trl: bool, compute_dtype: s
         holder["state"], metrics = step(holder["state"], None, data)
         jax.block_until_ready(metrics["loss"])
 
-    compile_s, step_s = _time(run_step, warmup=2, iters=iters)
+    compile_s, step_s, faults = _time_and_faults(run_step, warmup=2, iters=iters)
     tokens_per_s = batch * seq / step_s
     flops = train_flops_per_token(config, seq)
     result = {
@@ -165,7 +175,7 @@ def bench_sft(batch: int, seq: int, iters: int, with_trl: bool, compute_dtype: s
         "compute_dtype": compute_dtype, "batch": batch, "seq": seq, "compile_s": round(compile_s, 2),
         "step_s": round(step_s, 4), "tokens_per_s": round(tokens_per_s, 1),
         "model_tflops_per_s": round(tokens_per_s * flops / 1e12, 4), "peak_memory_gb": round(peak_memory_bytes() / 2**30, 3),
-        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
+        "page_faults_per_step": round(faults), "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     # Roofline on this device: the step's model FLOPs at the measured rate of the model's
     # largest matmul (hidden x vocab over the batch's tokens).

@@ -74,8 +74,9 @@ class OptimSection:
 @dataclasses.dataclass
 class TrainSection:
     """Loop settings. batch_size is global (all processes); grad_accum splits it.
-    logprob_chunk: sequence positions per LM-head chunk (rematerialized in the backward
-    pass); null forms the logits in one piece when they fit 1 GiB, else chunks of 128."""
+    logprob_chunk: sequence positions per LM-head chunk, rematerialized in the backward pass
+    (a chunk >= the sequence length forms the logits in one piece, kept for the backward
+    pass); null picks one piece when the f32 logits fit 1 GiB, else chunks of 128."""
 
     steps: int = 100
     batch_size: int = 8

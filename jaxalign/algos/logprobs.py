@@ -43,8 +43,9 @@ def label_logprobs(params, config: ModelConfig, hidden, labels, *, chunk_size: i
     hidden [B, T, D] (final-norm hidden states), labels [B, T] int (the token each position
     predicts). Returns (logp, entropy, correct), each [B, T]: log p(label) under
     softmax(logits / temperature), the distribution's entropy, and whether label attains
-    the largest logit. chunk_size: sequence positions per chunk; None picks the whole
-    sequence when its logits fit `LOGITS_BUDGET_BYTES`, else `DEFAULT_CHUNK`.
+    the largest logit. chunk_size: sequence positions per rematerialized chunk; one >= T
+    means one piece without remat; None picks one piece when the f32 logits fit
+    `LOGITS_BUDGET_BYTES`, else `DEFAULT_CHUNK`.
     """
     b, t, d = hidden.shape
     if chunk_size is None:
