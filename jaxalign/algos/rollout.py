@@ -194,18 +194,19 @@ def response_values(value_params, config: ModelConfig, input_ids, attention_mask
 # ---------------------------------------------------------------------------- rewards
 
 
-def load_reward_fn(spec: str) -> Callable[[list[str], list[str]], Sequence[float]]:
-    """`"package.module:function"` -> the function (called with prompts, completions)."""
-    if not isinstance(spec, str) or spec.count(":") != 1:
-        raise ConfigError(f"ppo.reward_fn={spec!r} must look like 'package.module:function'")
+def load_reward_fn(spec: str, what: str = "ppo.reward_fn") -> Callable[[list[str], list[str]], Sequence[float]]:
+    """`"package.module:function"` -> the function (called with prompts, completions).
+    `what` names the setting in errors (e.g. `--checker`)."""
+    if not isinstance(spec, str) or spec.count(":") != 1 or not all(spec.split(":")):
+        raise ConfigError(f"{what}={spec!r} must look like 'package.module:function'")
     module_name, attr = spec.split(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as e:
-        raise ConfigError(f"ppo.reward_fn={spec!r}: cannot import {module_name!r} ({e})") from e
+        raise ConfigError(f"{what}={spec!r}: cannot import {module_name!r} ({e})") from e
     fn = getattr(module, attr, None)
     if not callable(fn):
-        raise ConfigError(f"ppo.reward_fn={spec!r}: {module_name} has no function {attr!r}")
+        raise ConfigError(f"{what}={spec!r}: {module_name} has no function {attr!r}")
     return fn
 
 
@@ -245,6 +246,31 @@ class RewardModel:
         from jaxalign.models.heads import sequence_scores
 
         self._scores = jax.jit(sequence_scores, static_argnums=1)
+
+    @classmethod
+    def load(cls, path: str, policy, policy_tokenizer, **load_kwargs) -> "RewardModel":
+        """The reward model in HF directory `path` (`heads.load_reward_model(path, **load_kwargs)`,
+        on the policy's mesh) scoring `policy`'s sequences. Without tokenizer files next to it,
+        the policy's tokenizer is assumed (an error when its vocabulary is smaller)."""
+        from transformers import AutoTokenizer
+
+        from jaxalign.models import heads
+
+        rm = heads.load_reward_model(path, mesh=policy.mesh, **load_kwargs)
+        rm_tokenizer = None
+        try:
+            rm_tokenizer = AutoTokenizer.from_pretrained(path)
+        except (OSError, ValueError):
+            if rm.config.vocab_size < policy.config.vocab_size:
+                raise ConfigError(f"the reward model {path} has no tokenizer and a smaller vocabulary "
+                                  f"({rm.config.vocab_size}) than the policy ({policy.config.vocab_size}); save its "
+                                  "tokenizer next to it") from None
+            log.warning("reward model %s has no tokenizer files: assuming the policy's tokenizer", path)
+        scorer = cls(rm.params, rm.config, policy.mesh, rm_tokenizer, policy_tokenizer)
+        if scorer.retokenize:
+            log.warning("the reward model's tokenizer differs from the policy's: responses are decoded and "
+                        "re-tokenized for scoring")
+        return scorer
 
     def __call__(self, batch: dict[str, np.ndarray], prompt_length: int) -> np.ndarray:
         """Scores `[b]` (float32, host) of the local rows of a `sample` batch."""

@@ -112,7 +112,8 @@ def ensure_pad_token(tokenizer):
 def load_tokenizer(path: str | None = None, **kwargs):
     """Load a tokenizer with ``AutoTokenizer`` (``None``: the embedded tiny tokenizer).
 
-    ``path`` is a local directory or a Hub name (offline runs need a local copy).
+    ``path`` is a local directory, a ``.gguf`` file (its converted directory, see
+    ``jaxalign.models.gguf.resolve``) or a Hub name (offline runs need a local copy).
     The result always has a pad token (see :func:`ensure_pad_token`).
     """
     from transformers import AutoTokenizer
@@ -121,6 +122,9 @@ def load_tokenizer(path: str | None = None, **kwargs):
         from jaxalign.data.tasks import quickstart_dir
 
         path = quickstart_dir()
+    from jaxalign.models.gguf import resolve
+
+    path = resolve(path)
     try:
         tok = AutoTokenizer.from_pretrained(path, **kwargs)
     except Exception as e:  # noqa: BLE001 - re-raised with context

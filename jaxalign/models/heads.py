@@ -179,9 +179,10 @@ def load_reward_model(path: str, dtype=None, mesh=None, *, compute_dtype=None, r
     a causal-LM checkpoint gets a fresh head ~ normal(0, head_init_std or 1/sqrt(D+1))
     drawn from `seed` (its lm_head is not loaded). Other arguments as `ja.load_model`.
     """
-    from jaxalign.models import hf
+    from jaxalign.models import gguf, hf
     from jaxalign.models.model import Model, load_model
 
+    path = gguf.resolve(path)
     d = hf.read_config(path)
     kw = dict(dtype=dtype, mesh=mesh, compute_dtype=compute_dtype, rules=rules, quantize=quantize,
               quant_block_size=quant_block_size, double_quant=double_quant, **config_overrides)

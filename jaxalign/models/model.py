@@ -163,7 +163,8 @@ def _shardings(abstract, mesh: Mesh | None, rules=None):
 def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype=None, rules=None,
                quantize: str | None = None, quant_block_size: int | None = None, double_quant: bool = False,
                head: str = "auto", **config_overrides) -> Model:
-    """Load an HF checkpoint directory (config.json + safetensors) as a `Model`.
+    """Load an HF checkpoint directory (config.json + safetensors), or a llama.cpp `.gguf`
+    file (converted once into the cache, see `jaxalign.models.gguf`), as a `Model`.
 
     dtype: the params' dtype (default: the checkpoint's declared dtype, else float32).
     compute_dtype: activation dtype (default: dtype). mesh: shard each tensor straight
@@ -175,8 +176,9 @@ def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype
     *ForSequenceClassification checkpoint, else "lm"). See `jaxalign.models.heads`.
     Extra keyword arguments override ModelConfig fields (e.g. remat="full").
     """
-    from jaxalign.models import heads
+    from jaxalign.models import gguf, heads
 
+    path = gguf.resolve(path)
     if head not in ("auto", "lm", "score", "none"):
         raise ValueError(f"head={head!r} is not valid; use 'auto', 'lm', 'score' or 'none'")
     d = hf.read_config(path)

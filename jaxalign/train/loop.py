@@ -74,7 +74,9 @@ def apply_transforms(model: Model, cfg: Config) -> Model:
 def load_tokenizer(cfg: Config):
     from transformers import AutoTokenizer
 
-    source = builtin_path(cfg.model.tokenizer or cfg.model.path or os.path.dirname(builtin_path(cfg.model.config)))
+    from jaxalign.models.gguf import resolve
+
+    source = resolve(builtin_path(cfg.model.tokenizer or cfg.model.path or os.path.dirname(builtin_path(cfg.model.config))))
     return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
 
 
