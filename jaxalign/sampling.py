@@ -407,17 +407,34 @@ def _left_pad(rows: list[list[int]], pad: int, batch: int, multiple: int = 16):
     return ids, mask
 
 
+def load_for_inference(model_dir: str, adapter: str | None = None, *, dtype=None, compute_dtype=None,
+                       mesh: Mesh | None = None) -> tuple[Model, Any]:
+    """(model, tokenizer) from an HF model directory, with the PEFT LoRA adapter in `adapter`
+    applied (unmerged) when given: what `jaxalign generate` and `jaxalign eval` run."""
+    import transformers
+
+    import jaxalign as ja
+
+    if not os.path.isdir(model_dir):
+        raise CheckpointError(f"model directory {model_dir!r} does not exist; pass a local HF checkpoint directory "
+                              "(config.json, *.safetensors, tokenizer files)")
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"could not load a tokenizer from {model_dir} ({e}); "
+                              "the model directory needs tokenizer files (tokenizer.json or similar)") from e
+    model = ja.load_model(model_dir, dtype=dtype, compute_dtype=compute_dtype, mesh=mesh)
+    if adapter:
+        from jaxalign.peft import lora
+
+        model = dataclasses.replace(model, params=lora.load_adapter(model.params, adapter))
+    return model, tokenizer
+
+
 def run(args: argparse.Namespace) -> list[str]:
     """`jaxalign generate`: print completions (streamed as they are produced for one prompt)."""
     import jaxalign as ja
 
-    try:
-        import transformers
-
-        tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
-    except (OSError, ValueError) as e:
-        raise CheckpointError(f"could not load a tokenizer from {args.model} ({e}); "
-                              "the model directory needs tokenizer files (tokenizer.json or similar)") from e
     prompts = _read_prompts(args)
     mesh = None
     if args.mesh:
@@ -428,13 +445,8 @@ def run(args: argparse.Namespace) -> list[str]:
         if len(sizes) != 3:
             raise ConfigError(f"--mesh {args.mesh!r}: expected three integers data,fsdp,tensor (e.g. 1,1,8)")
         mesh = ja.make_mesh(sizes)
-    model = ja.load_model(args.model, dtype=args.dtype, compute_dtype=args.compute_dtype, mesh=mesh)
-    if args.adapter:
-        try:
-            from jaxalign.peft import lora
-        except ImportError as e:
-            raise ConfigError(f"--adapter needs jaxalign.peft.lora, which is unavailable ({e})") from e
-        model = dataclasses.replace(model, params=lora.load_adapter(model.params, args.adapter))
+    model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype,
+                                          compute_dtype=args.compute_dtype, mesh=mesh)
     stop = _stop_ids(args.model, model.config, tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None or not 0 <= pad < model.config.vocab_size:  # some tokenizers add a pad beyond the vocab
@@ -489,4 +501,4 @@ def _length(tokens: np.ndarray, stop: tuple[int, ...]) -> int:
 generate_cli = run
 
 __all__ = ["DecodeState", "GenerationOutput", "SamplingSettings", "add_arguments", "decode", "decode_logits",
-           "generate", "generate_cli", "prefill", "run", "sample"]
+           "generate", "generate_cli", "load_for_inference", "prefill", "run", "sample"]

@@ -266,8 +266,9 @@ def write_rows(path: str, rows: Sequence[Mapping]) -> str:
     return path
 
 
-def read_prompts(source, split: str = "train", max_rows: int | None = None) -> list[str]:
-    """Prompts from a dataset with a `prompt` column (or `.txt`: one per line); rows naming the bad one."""
+def read_prompts(source, split: str = "train", max_rows: int | None = None, messages: bool = False) -> list:
+    """Prompts from a dataset with a `prompt` column (or `.txt`: one per line); errors name the bad
+    row. Strings, and with `messages=True` also chat messages (lists of `{role, content}`)."""
     if isinstance(source, str) and source.endswith(".txt"):
         if not os.path.isfile(source):
             raise DataError(f"prompts file {source!r} does not exist")
@@ -276,6 +277,7 @@ def read_prompts(source, split: str = "train", max_rows: int | None = None) -> l
     else:
         from jaxalign.config import builtin_path
         from jaxalign.data import column_names, load_rows
+        from jaxalign.data.formats import is_conversational
 
         rows = load_rows(builtin_path(source) if isinstance(source, str) else source, split=split)
         if "prompt" not in column_names(rows):
@@ -285,8 +287,11 @@ def read_prompts(source, split: str = "train", max_rows: int | None = None) -> l
             if max_rows is not None and i >= max_rows:
                 break
             p = row.get("prompt")
-            if not isinstance(p, str) or not p.strip():
-                raise DataError(f"{source}: row {i} has no prompt (prompt={p!r}); every row needs a non-empty string")
+            if messages and is_conversational(p):
+                p = [{"role": m["role"], "content": m["content"]} for m in p]
+            elif not isinstance(p, str) or not p.strip():
+                kinds = "a non-empty string or a list of {role, content} messages" if messages else "a non-empty string"
+                raise DataError(f"{source}: row {i} has no prompt (prompt={p!r}); every row needs {kinds}")
             prompts.append(p)
     if max_rows is not None:
         prompts = prompts[:max_rows]

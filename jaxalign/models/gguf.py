@@ -91,10 +91,7 @@ class GGUFFile:
 
         t = self.tensors[name]
         try:
-            if t.tensor_type == gguf.GGMLQuantizationType.BF16:
-                out = np.asarray(t.data).view(ml_dtypes.bfloat16).astype(np.float32)
-            else:
-                out = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+            out = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
         except NotImplementedError as e:
             raise UnsupportedModelError(
                 f"{self.path}: tensor {name} has type {t.tensor_type.name}, which the installed `gguf` package "
