@@ -47,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.algos.constitutional import batch_multiple, pad_token_id, read_prompts, stop_token_ids, use_chat
-from jaxalign.data import arithmetic
 from jaxalign.algos.rollout import (Prompts, RewardModel, RolloutSettings, call_reward_fn, decode_responses,
-                                    load_prompts, load_reward_fn, response_logprobs, sample)
+                                    left_pad, load_prompts, load_reward_fn, response_logprobs, sample)
+from jaxalign.data import arithmetic
 from jaxalign.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -98,8 +98,6 @@ def greedy_completions(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *,
                        batch_size: int) -> Completions:
     """Greedy decoding in fixed-shape batches (one compile): every batch is left-padded to the
     longest prompt rounded up to 16 tokens, and the last batch is filled with copies of its first row."""
-    from jaxalign.algos.rollout import left_pad
-
     stop = stop_token_ids(model, tokenizer)
     pad = pad_token_id(model, tokenizer, stop)
     p = -(-max(len(r) for r in prompt_ids) // 16) * 16
@@ -171,7 +169,6 @@ def evaluate_models(models: Mapping[str, object], tokenizer, prompts: Sequence, 
         raise ConfigError(f"max_new_tokens={max_new_tokens} leaves no room for a prompt in the model's context of "
                           f"{first.config.max_position_embeddings} tokens")
     encoded = encode_prompts(tokenizer, prompts, chat=chat, max_prompt_length=limit)
-    ref_lp = {}  # reference log-probs are per model: each model's own completions are scored
     rows = []
     for name, model in models.items():
         t0 = time.time()
@@ -185,9 +182,9 @@ def evaluate_models(models: Mapping[str, object], tokenizer, prompts: Sequence, 
         row["ended"] = float(np.mean(c.eos))
         kl = None
         if reference is not None:
-            lp = sequence_logprobs(model, c, batch_size)
-            ref_lp[name] = lp if model is reference else sequence_logprobs(reference, c, batch_size)
-            kl = float(np.mean(lp - ref_lp[name]))
+            lp = sequence_logprobs(model, c, batch_size)  # both score this model's own completions
+            lp_ref = lp if model is reference else sequence_logprobs(reference, c, batch_size)
+            kl = float(np.mean(lp - lp_ref))
         row[f"kl_to_{reference_name}"] = kl
         row["seconds"] = round(time.time() - t0, 1)
         row["samples"] = [{"prompt": prompts[i], "completion": c.texts[i],
@@ -319,8 +316,9 @@ def run(args: argparse.Namespace) -> dict:
         resolve(spec, f"--metric {name}")
     for flag in ("reward_model", "reference"):
         path = getattr(args, flag)
-        if path is not None and not os.path.isdir(path):
-            raise ConfigError(f"--{flag.replace('_', '-')} {path!r} is not a directory; pass an HF model directory")
+        if path is not None and not os.path.exists(path):
+            raise ConfigError(f"--{flag.replace('_', '-')} {path!r} does not exist; pass an HF model directory "
+                              "(or a .gguf file)")
     if task:
         prompts = task.prompts(args.n or 64)
     else:

@@ -13,7 +13,8 @@ overrides))`, with its `output_dir` under the pipeline's and model paths chained
 A stage that already finished resumes from its last checkpoint and only re-exports.
 
 The table (printed, and written as OUT/table.md and OUT/table.json) compares base (the
-SFT stage's random initialization), SFT, PPO and DPO on the held-out prompts:
+SFT stage's random initialization), SFT, PPO and DPO on the held-out prompts
+(`jaxalign.evaluate.evaluate_models`, the reference being SFT):
 
 * accuracy: exact match (`jaxalign.data.tasks.check_answer`) of greedy generations;
 * mean reward: the trained reward model's mean score of those greedy completions;
@@ -45,8 +46,7 @@ import os
 import time
 from collections.abc import Mapping, Sequence
 
-import numpy as np
-
+from jaxalign import evaluate
 from jaxalign.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -149,122 +149,9 @@ def stage_config(p: dict, name: str):
 # ---------------------------------------------------------------------------- evaluation
 
 
-def _encode_prompts(tokenizer, prompts: Sequence[str]) -> list[list[int]]:
-    # As the SFT quickstart data is tokenized: plain strings with the tokenizer's specials (BOS).
-    return [list(tokenizer.encode(p, add_special_tokens=True)) for p in prompts]
-
-
-def greedy(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, batch_size: int):
-    """Greedy completions: (ids [N, P] left-padded prompts, mask, tokens [N, G], response mask, texts)."""
-    import jax
-
-    from jaxalign.algos.constitutional import left_pad, pad_token_id, stop_token_ids
-    from jaxalign.sampling import generate
-
-    stop = stop_token_ids(model, tokenizer)
-    pad = pad_token_id(model, tokenizer, stop)
-    rows = _encode_prompts(tokenizer, prompts)
-    p_len = -(-max(len(r) for r in rows) // 16) * 16
-    batch = min(batch_size, len(rows))
-    ids_all, mask_all, tok_all, rmask_all, texts = [], [], [], [], []
-    for start in range(0, len(rows), batch):
-        chunk = rows[start:start + batch]
-        ids, mask = left_pad(chunk, pad, batch)
-        ids = np.pad(ids, ((0, 0), (p_len - ids.shape[1], 0)), constant_values=pad)
-        mask = np.pad(mask, ((0, 0), (p_len - mask.shape[1], 0)))
-        out = generate(model, ids, mask, jax.random.key(0), max_new_tokens=max_new_tokens, temperature=0.0,
-                       eos_token_ids=stop, pad_token_id=pad)
-        toks, rmask = np.asarray(out.tokens)[:len(chunk)], np.asarray(out.mask)[:len(chunk)]
-        ids_all.append(ids[:len(chunk)]), mask_all.append(mask[:len(chunk)])
-        tok_all.append(toks), rmask_all.append(rmask)
-        texts += [tokenizer.decode(t[m > 0], skip_special_tokens=True) for t, m in zip(toks, rmask)]
-    return (np.concatenate(ids_all), np.concatenate(mask_all), np.concatenate(tok_all), np.concatenate(rmask_all),
-            texts)
-
-
-def _response_logprob_fn(config):
-    import jax
-    import jax.numpy as jnp
-
-    from jaxalign.algos.logprobs import token_logprobs
-    from jaxalign.models.model import positions_from_mask
-
-    def fn(params, ids, mask, resp_mask):
-        batch = {"input_ids": ids, "positions": positions_from_mask(mask), "segment_ids": mask}
-        logp, _, _ = token_logprobs(params, config, batch)
-        p = ids.shape[1] - resp_mask.shape[1]
-        scored = jax.lax.dynamic_slice_in_dim(logp, p - 1, resp_mask.shape[1], axis=1)
-        return jnp.sum(jnp.where(resp_mask > 0, scored, 0.0), axis=1)
-
-    return jax.jit(fn)
-
-
-def sequence_logprobs(model, prompt_ids, prompt_mask, tokens, resp_mask, batch_size: int) -> np.ndarray:
-    """[N]: log p_model(response | prompt) summed over the response tokens (mask 1)."""
-    fn = _response_logprob_fn(model.config)
-    out = []
-    for s in range(0, len(tokens), batch_size):
-        sl = slice(s, s + batch_size)
-        ids = np.concatenate([prompt_ids[sl], tokens[sl]], axis=1).astype(np.int32)
-        mask = np.concatenate([prompt_mask[sl], resp_mask[sl]], axis=1).astype(np.int32)
-        out.append(np.asarray(fn(model.params, ids, mask, resp_mask[sl].astype(np.int32))))
-    return np.concatenate(out).astype(np.float64)
-
-
-class _RewardScorer:
-    def __init__(self, path: str):
-        import jax
-
-        from jaxalign.models import heads
-
-        self.rm = heads.load_reward_model(path)
-        self.fn = jax.jit(heads.sequence_scores, static_argnums=1)
-
-    def __call__(self, prompt_ids, prompt_mask, tokens, resp_mask, batch_size: int) -> np.ndarray:
-        out = []
-        for s in range(0, len(tokens), batch_size):
-            sl = slice(s, s + batch_size)
-            ids = np.concatenate([prompt_ids[sl], tokens[sl]], axis=1).astype(np.int32)
-            mask = np.concatenate([prompt_mask[sl], resp_mask[sl]], axis=1).astype(np.int32)
-            out.append(np.asarray(self.fn(self.rm.params, self.rm.config, ids, mask)))
-        return np.concatenate(out).astype(np.float64)
-
-
-def evaluate_models(models: Mapping[str, object], sft_model, tokenizer, prompts: Sequence[str], *,
-                    reward_model: str | None, max_new_tokens: int = 12, batch_size: int = 100) -> list[dict]:
-    """One table row per model: accuracy, mean_reward (None without a reward model), kl_to_sft."""
-    from jaxalign.data.tasks import check_answer
-
-    scorer = _RewardScorer(reward_model) if reward_model else None
-    rows = []
-    for name, model in models.items():
-        t0 = time.time()
-        ids, mask, toks, rmask, texts = greedy(model, tokenizer, prompts, max_new_tokens, batch_size)
-        acc = float(np.mean([check_answer(p, c) for p, c in zip(prompts, texts)]))
-        lp_model = sequence_logprobs(model, ids, mask, toks, rmask, batch_size)
-        lp_sft = lp_model if model is sft_model else sequence_logprobs(sft_model, ids, mask, toks, rmask, batch_size)
-        reward = float(np.mean(scorer(ids, mask, toks, rmask, batch_size))) if scorer else None
-        rows.append({"model": name, "accuracy": acc, "mean_reward": reward,
-                     "kl_to_sft": float(np.mean(lp_model - lp_sft)),
-                     "mean_length": float(np.mean(rmask.sum(1))), "example": {"prompt": prompts[0],
-                                                                               "completion": texts[0]}})
-        log.info("eval %s: accuracy %.3f, reward %s, KL %.3f (%.1fs)", name, acc, reward, rows[-1]["kl_to_sft"],
-                 time.time() - t0)
-    return rows
-
-
 def format_table(rows: Sequence[Mapping]) -> str:
     """Markdown table of the COLUMNS."""
-    head = "| model | " + " | ".join(COLUMN_TITLES[c] for c in COLUMNS) + " |"
-    sep = "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |"
-    lines = [head, sep]
-    for r in rows:
-        cells = []
-        for c in COLUMNS:
-            v = r.get(c)
-            cells.append("n/a" if v is None else f"{v:.1%}" if c == "accuracy" else f"{v:.3f}")
-        lines.append(f"| {r['model']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return evaluate.format_table(rows, COLUMNS, COLUMN_TITLES)
 
 
 # ---------------------------------------------------------------------------- plots
@@ -373,8 +260,9 @@ def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> d
     base_cfg = configs["sft"]
     base = build_model(base_cfg, None)  # the SFT stage's starting point (random init from model.config)
     models = {"base": base, "SFT": sft_model, "PPO": load_model(final["ppo"]), "DPO": load_model(final["dpo"])}
-    rows = evaluate_models(models, sft_model, tokenizer, prompts, reward_model=final["reward"],
-                           max_new_tokens=int(ev["max_new_tokens"]), batch_size=int(ev["batch_size"]))
+    rows = evaluate.evaluate_models(models, tokenizer, prompts, checker=evaluate.DEFAULT_CHECKER,
+                                    reward_model=final["reward"], reference=sft_model, reference_name="sft",
+                                    max_new_tokens=int(ev["max_new_tokens"]), batch_size=int(ev["batch_size"]))
     eval_seconds = round(time.time() - t_eval, 1)
     table = format_table(rows)
     files = {"table_md": os.path.join(out_dir, "table.md"), "table_json": os.path.join(out_dir, "table.json"),
@@ -383,19 +271,13 @@ def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> d
     result = {"rows": rows, "columns": list(COLUMNS), "table": table, "stages": stages,
               "eval": {**ev, "prompts": len(prompts), "seconds": eval_seconds}, "files": files,
               "seconds": round(time.time() - t_start, 1), "devices": str(jax.devices()[0].platform)}
-    _write_text(files["table_md"], f"# jaxalign pipeline: {out_dir}\n\n{table}\n\n"
-                f"Held-out prompts: {len(prompts)} from {ev['data']}; greedy decoding, max {ev['max_new_tokens']} "
-                f"new tokens. Stage times (s): " + ", ".join(f"{n} {s['seconds']}" for n, s in stages.items())
-                + f", eval {eval_seconds}; total {result['seconds']}.\n")
-    _write_text(files["table_json"], json.dumps(result, indent=2, default=str) + "\n")
+    evaluate.write_text(files["table_md"], f"# jaxalign pipeline: {out_dir}\n\n{table}\n\n"
+                        f"Held-out prompts: {len(prompts)} from {ev['data']}; greedy decoding, max "
+                        f"{ev['max_new_tokens']} new tokens. Stage times (s): "
+                        + ", ".join(f"{n} {s['seconds']}" for n, s in stages.items())
+                        + f", eval {eval_seconds}; total {result['seconds']}.\n")
+    evaluate.write_text(files["table_json"], json.dumps(result, indent=2, default=str) + "\n")
     return result
-
-
-def _write_text(path: str, text: str) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def add_arguments(parser) -> None:
@@ -415,5 +297,5 @@ def run(args) -> dict:
     return result
 
 
-__all__ = ["COLUMNS", "STAGES", "evaluate_models", "format_table", "load_pipeline", "plot_stages", "run_pipeline",
+__all__ = ["COLUMNS", "STAGES", "format_table", "load_pipeline", "plot_stages", "run_pipeline",
            "stage_overrides"]

@@ -409,12 +409,15 @@ def _left_pad(rows: list[list[int]], pad: int, batch: int, multiple: int = 16):
 
 def load_for_inference(model_dir: str, adapter: str | None = None, *, dtype=None, compute_dtype=None,
                        mesh: Mesh | None = None) -> tuple[Model, Any]:
-    """(model, tokenizer) from an HF model directory, with the PEFT LoRA adapter in `adapter`
-    applied (unmerged) when given: what `jaxalign generate` and `jaxalign eval` run."""
+    """(model, tokenizer) from an HF model directory (or a `.gguf` file: its converted directory),
+    with the PEFT LoRA adapter in `adapter` applied (unmerged) when given: what `jaxalign
+    generate` and `jaxalign eval` run."""
     import transformers
 
     import jaxalign as ja
+    from jaxalign.models.gguf import resolve
 
+    model_dir = resolve(model_dir)
     if not os.path.isdir(model_dir):
         raise CheckpointError(f"model directory {model_dir!r} does not exist; pass a local HF checkpoint directory "
                               "(config.json, *.safetensors, tokenizer files)")

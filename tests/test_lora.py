@@ -320,3 +320,20 @@ def test_qlora_params_shard_over_a_mesh(hf_model):
     np.testing.assert_allclose(ja.Model(model.config, sharded, mesh).logits(ids),
                                dataclasses.replace(model, params=params).logits(ids),
                                rtol=1e-5, atol=1e-5)
+
+
+def test_qlora_trainable_half_shards_when_some_quantized_kernels_have_no_adapter(hf_model):
+    """Attention-only adapters on an NF4 model: the MLP's quantized kernels are frozen and
+    appear in the trainable half as empty weights; sharding that half must still work."""
+    import jaxalign as ja
+    from jaxalign.parallel.rules import named_shardings
+    _, path = hf_model("llama")
+    model = ja.load_model(path, quantize="nf4", quant_block_size=32)
+    params = lora.apply(model.params, 4, 8, ["q_proj", "v_proj"], KEY)
+    trainable, _ = lora.split(params)
+    mesh = ja.make_mesh(ja.MeshConfig(data=2, fsdp=2, tensor=2))
+    shardings = named_shardings(trainable, mesh)
+    mlp = shardings["model"]["layers"]["mlp"]["up_proj"]["kernel"]
+    assert isinstance(mlp, QuantizedWeight) and jax.tree.leaves(mlp) == []
+    q = shardings["model"]["layers"]["self_attn"]["q_proj"]["kernel"]
+    assert q.a.spec == jax.sharding.PartitionSpec(None, "fsdp", None)

@@ -255,7 +255,9 @@ class RewardModel:
         from transformers import AutoTokenizer
 
         from jaxalign.models import heads
+        from jaxalign.models.gguf import resolve
 
+        path = resolve(path)  # a .gguf file: its converted directory (with the tokenizer)
         rm = heads.load_reward_model(path, mesh=policy.mesh, **load_kwargs)
         rm_tokenizer = None
         try:

@@ -88,6 +88,8 @@ def logical_axes(params):
     def leaf_axes(path, leaf):
         p = path_str(path)
         if is_weight_type(leaf):
+            if not jax.tree.leaves(leaf):  # a frozen weight in the trainable half of `lora.split`
+                return leaf
             base_ndim = len(leaf.dense_shape) if hasattr(leaf, "dense_shape") else leaf.dense().ndim
             return leaf.logical_axes(axes_for_path(p, base_ndim))
         return axes_for_path(p, np.ndim(leaf))
