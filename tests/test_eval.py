@@ -172,11 +172,17 @@ def test_evaluate_models_metrics_reward_and_kl(tiny):
         assert r["accuracy"] == pytest.approx(np.mean(odd_length(PROMPTS, texts)))  # bools count as 0/1
         assert r["chars"] == pytest.approx(np.mean([len(t) for t in texts]))
         assert [s["score"] for s in r["samples"]] == [float(x) for x in odd_length(PROMPTS, texts)]
-        # The completions are the greedy ones: token by token the argmax of a full forward.
-        out = ja.generate(m, np.asarray([encoded.ids[0]]), None, jax.random.key(0), max_new_tokens=8, greedy=True,
-                          eos_token_ids=(tok.eos_token_id,), pad_token_id=0)
-        assert texts[0] == tok.decode(np.asarray(out.tokens[0])[:int(out.lengths[0])], skip_special_tokens=True)
-        assert 1 <= r["mean_length"] <= 8 and 0.0 <= r["ended"] <= 1.0
+        # The completions are the greedy ones, prompt by prompt; length counts the EOS, ended = stopped at EOS.
+        lengths, ended = [], []
+        for ids, text in zip(encoded.ids, texts):
+            out = ja.generate(m, np.asarray([ids]), None, jax.random.key(0), max_new_tokens=8, greedy=True,
+                              eos_token_ids=(tok.eos_token_id,), pad_token_id=0)
+            toks = np.asarray(out.tokens[0])[:int(out.lengths[0])]
+            assert text == tok.decode(toks, skip_special_tokens=True)
+            lengths.append(len(toks))
+            ended.append(float(tok.eos_token_id in toks.tolist()))
+        assert r["mean_length"] == pytest.approx(np.mean(lengths))
+        assert r["ended"] == pytest.approx(np.mean(ended))
     assert rows[0]["kl_to_reference"] == 0.0  # the reference itself
     # KL of the other model: mean over prompts of log p_other(y) - log p_model(y) on other's greedy y.
     c = evaluate.greedy_completions(other, tok, encoded.ids, max_new_tokens=8, batch_size=4)

@@ -9,13 +9,15 @@ import torch
 import transformers
 
 import jaxalign as ja
+from jaxalign.algos.constitutional import write_rows
 from jaxalign.config import load_config
+from jaxalign.data import arithmetic
 from jaxalign.data.formats import render_chat, tokenize_sft
 from jaxalign.train.loop import train
 from jaxalign.train.metrics import read_metrics
-from tests.real.conftest import PROMPT, addition_chats, write_jsonl
+from tests.real.conftest import addition_rows
 
-CHATS = [[{"role": "user", "content": PROMPT.format(a=23, b=48)}],
+CHATS = [[{"role": "user", "content": arithmetic.make_prompt(23, 48)}],
          [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]]
 FAST = ["train.async_checkpoints=false", "train.log_every=1", "model.seed=0"]
 
@@ -112,8 +114,8 @@ def lora_sft_run(smollm2_dir, tmp_path_factory):
     """A short LoRA SFT run on addition chats (completion-only loss), with eval at step 0 and the end."""
     tmp = tmp_path_factory.mktemp("sft")
     overrides = [f"model.path={smollm2_dir}", f"output_dir={tmp / 'run'}",
-                 f"data.train={write_jsonl(tmp / 'train.jsonl', addition_chats(64, seed=0))}",
-                 f"data.eval={write_jsonl(tmp / 'eval.jsonl', addition_chats(16, seed=1))}",
+                 f"data.train={write_rows(str(tmp / 'train.jsonl'), addition_rows('sft', 64))}",
+                 f"data.eval={write_rows(str(tmp / 'eval.jsonl'), addition_rows('eval', 16))}",
                  "data.max_length=64", "data.buckets=[64]", "lora.rank=8", "lora.alpha=16",
                  "lora.targets=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj]",
                  "optim.learning_rate=2e-3", "optim.schedule=constant", "train.steps=12", "train.batch_size=8",
@@ -156,7 +158,7 @@ def test_lora_adapter_loads_in_peft_on_the_converted_model(lora_sft_run, smollm2
 
 def test_qlora_nf4_loads_and_trains(smollm2_dir, tmp_path):
     overrides = [f"model.path={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
-                 f"data.train={write_jsonl(tmp_path / 'train.jsonl', addition_chats(32, seed=2))}",
+                 f"data.train={write_rows(str(tmp_path / 'train.jsonl'), addition_rows('qlora', 32))}",
                  "data.max_length=64", "data.buckets=[64]", "quantization.method=nf4", "lora.rank=8",
                  "optim.learning_rate=2e-3", "optim.schedule=constant", "train.steps=6", "train.batch_size=8",
                  "train.export=false", *FAST]
@@ -167,14 +169,11 @@ def test_qlora_nf4_loads_and_trains(smollm2_dir, tmp_path):
 
 
 def test_dpo_steps_move_the_implicit_reward(smollm2_dir, tmp_path):
-    rows = []
-    for chat in addition_chats(16, seed=3):
-        (user, answer) = chat["messages"]
-        a, b = (int(x) for x in user["content"].split("What is ")[1].split("?")[0].split(" plus "))
-        rows.append({"prompt": [user], "chosen": [answer],
-                     "rejected": [{"role": "assistant", "content": f"{a} + {b} = {a + b + 10}"}]})
+    rows = [{"prompt": r["prompt"], "chosen": r["completion"],
+             "rejected": [{"role": "assistant", "content": f"{r['a']} + {r['b']} = {r['answer'] + 10}"}]}
+            for r in addition_rows("dpo", 16)]
     overrides = [f"model.path={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
-                 f"data.train={write_jsonl(tmp_path / 'prefs.jsonl', rows)}", "data.max_length=64",
+                 f"data.train={write_rows(str(tmp_path / 'prefs.jsonl'), rows)}", "data.max_length=64",
                  "data.buckets=[64]", "lora.rank=8", "optim.learning_rate=1e-3", "optim.schedule=constant",
                  "train.steps=4", "train.batch_size=8", "train.export=false", *FAST]
     train(load_config(None, ["algorithm=dpo", *overrides]))
@@ -185,10 +184,10 @@ def test_dpo_steps_move_the_implicit_reward(smollm2_dir, tmp_path):
 
 
 def test_grpo_steps_run_with_a_checker_reward(smollm2_dir, tmp_path):
-    rows = [{"prompt": chat["messages"][:1]} for chat in addition_chats(8, seed=4)]
+    rows = [{"prompt": r["prompt"]} for r in addition_rows("grpo", 8)]
     overrides = [f"model.path={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
-                 f"data.train={write_jsonl(tmp_path / 'prompts.jsonl', rows)}", "data.eval=null",
-                 "ppo.reward_fn=tests.real.conftest:just_the_number", "ppo.group_size=4", "ppo.num_minibatches=1",
+                 f"data.train={write_rows(str(tmp_path / 'prompts.jsonl'), rows)}", "data.eval=null",
+                 "ppo.reward_fn=jaxalign.data.arithmetic:just_the_number", "ppo.group_size=4", "ppo.num_minibatches=1",
                  "ppo.ppo_epochs=1", "ppo.max_prompt_length=64", "ppo.response_length=8", "ppo.temperature=1.0",
                  "lora.rank=8", "optim.learning_rate=1e-4", "train.steps=2", "train.batch_size=8",
                  "train.export=false", *FAST]
