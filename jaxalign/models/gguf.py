@@ -198,19 +198,31 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensors(g: GGUFFile, config: dict):
-    """Yield (HF name, f32 array in HF layout) for every tensor of the file."""
-    permute = g.architecture in _PERMUTED_QK
-    for name in g.tensors:
-        hf_name = hf_tensor_name(name)
-        if hf_name is None:
+def hf_array(g: GGUFFile, name: str, config: dict) -> np.ndarray:
+    """GGUF tensor `name` as HF stores it: dequantized to f32, q/k rows un-permuted."""
+    w = g.array(name)
+    if g.architecture in _PERMUTED_QK and ".attn_q." in name:
+        w = unpermute_qk(w, config["num_attention_heads"])
+    elif g.architecture in _PERMUTED_QK and ".attn_k." in name:
+        w = unpermute_qk(w, config["num_key_value_heads"])
+    return w
+
+
+def shard_plan(g: GGUFFile, itemsize: int, max_shard_bytes: int) -> list[list[str]]:
+    """GGUF tensor names grouped into safetensors shards of at most `max_shard_bytes` (one
+    tensor may exceed it alone), from the shapes only: nothing is dequantized yet."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for name, t in g.tensors.items():
+        if hf_tensor_name(name) is None:
             continue
-        w = g.array(name)
-        if permute and ".attn_q." in name:
-            w = unpermute_qk(w, config["num_attention_heads"])
-        elif permute and ".attn_k." in name:
-            w = unpermute_qk(w, config["num_key_value_heads"])
-        yield hf_name, w
+        nbytes = int(np.prod([int(d) for d in t.shape])) * itemsize
+        if size + nbytes > max_shard_bytes and shards[-1]:
+            shards.append([])
+            size = 0
+        shards[-1].append(name)
+        size += nbytes
+    return shards
 
 
 def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]:
@@ -307,26 +319,19 @@ def convert(path: str, out_dir: str, dtype: str = "float32", max_shard_bytes: in
     tmp = tempfile.mkdtemp(prefix=".converting-", dir=parent)
     os.chmod(tmp, 0o755)
     try:
-        shards: list[dict[str, np.ndarray]] = [{}]
-        size = 0
-        for name, w in hf_tensors(g, config):
-            w = w.astype(_OUT_DTYPES[dtype])
-            if size + w.nbytes > max_shard_bytes and shards[-1]:
-                shards.append({})
-                size = 0
-            shards[-1][name] = w
-            size += w.nbytes
-        n = len(shards)
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        out_dtype = _OUT_DTYPES[dtype]
+        plan = shard_plan(g, out_dtype.itemsize, max_shard_bytes)
+        weight_map, total = {}, 0
+        for i, names in enumerate(plan):  # one shard in memory at a time
+            fname = "model.safetensors" if len(plan) == 1 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+            shard = {hf_tensor_name(n): hf_array(g, n, config).astype(out_dtype) for n in names}
             save_file(shard, os.path.join(tmp, fname))
             weight_map.update({k: fname for k in shard})
-        if n > 1:
-            total = sum(w.nbytes for shard in shards for w in shard.values())
+            total += sum(w.nbytes for w in shard.values())
+            del shard
+        if len(plan) > 1:
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-        del shards
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(config, f, indent=2)
         gen = {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if k in config}
@@ -368,5 +373,5 @@ def resolve(path: str) -> str:
     return out
 
 
-__all__ = ["ARCHITECTURES", "GGUFFile", "build_tokenizer", "cache_root", "convert", "hf_config", "hf_tensor_name",
-           "hf_tensors", "resolve", "unpermute_qk"]
+__all__ = ["ARCHITECTURES", "GGUFFile", "build_tokenizer", "cache_root", "convert", "hf_array", "hf_config",
+           "hf_tensor_name", "resolve", "shard_plan", "unpermute_qk"]
