@@ -196,6 +196,106 @@ def test_label_cli_writes_trl_preference_data(tiny, tmp_path):
     assert len(got) == 2 and set(got.column_names) >= {"prompt", "chosen", "rejected", "margin"}
 
 
+def length_score(prompts, completions):
+    """A scoring judge for the tests: longer is better."""
+    return [float(len(c)) for c in completions]
+
+
+def first_wins(prompts, completions):
+    """A reference scorer: the first candidate of each pair (even index) wins, except on row 1 (a tie)."""
+    return [0.0 if i in (2, 3) else float(i % 2 == 0) for i in range(len(completions))]
+
+
+def test_label_by_score_takes_best_vs_worst_and_drops_ties():
+    prompts = ["p0", [{"role": "user", "content": "p1"}], "p2"]
+    candidates = [["a", "bbb", "cc"], ["x", "yy", "zzz"], ["same", "same", "same"]]
+    scores = rlaif.score_candidates(length_score, prompts, candidates)
+    assert scores.tolist() == [[1, 3, 2], [1, 2, 3], [4, 4, 4]]
+    rows, ties = rlaif.label_by_score(prompts, candidates, scores)
+    assert ties == 1 and len(rows) == 2
+    assert rows[0] == {"prompt": "p0", "chosen": "bbb", "rejected": "a", "score_chosen": 3.0, "score_rejected": 1.0}
+    # a conversation prompt gives TRL's conversational layout: chosen/rejected as assistant turns
+    assert rows[1]["prompt"] == [{"role": "user", "content": "p1"}]
+    assert rows[1]["chosen"] == [{"role": "assistant", "content": "zzz"}]
+    assert rows[1]["rejected"] == [{"role": "assistant", "content": "x"}]
+    with pytest.raises(DataError, match="one finite float per completion"):
+        rlaif.score_candidates(lambda p, c: [1.0], prompts, candidates)
+
+
+def test_judge_agreement_counts_only_pairs_the_reference_separates():
+    rows = [{"chosen": "a0"}, {"chosen": "b1"}, {"chosen": [{"role": "assistant", "content": "b2"}]}]
+    info = rlaif.judge_agreement(rows, np.array([1.0, 0.5, 0.0]), np.array([0.0, 0.5, 1.0]), ["a0", "a1", "a2"])
+    assert info == {"agreement": 1.0, "compared": 2, "reference_ties": 1}
+    assert [r["reference_agrees"] for r in rows] == [True, None, True]
+    rows = [{"chosen": "b0"}]
+    assert rlaif.judge_agreement(rows, np.array([1.0]), np.array([0.0]), ["a0"])["agreement"] == 0.0
+
+
+def test_label_cli_with_a_scoring_judge_samples_several_candidates(tiny, tmp_path, capsys):
+    from jaxalign.cli import main
+    from jaxalign.data import detect_format, load_rows, tokenize_preference
+
+    _, tok, path = tiny
+    convs = [{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS]
+    data = _write_jsonl(tmp_path / "prompts.jsonl", convs)
+    out = tmp_path / "prefs.jsonl"
+    assert main(["label", "--judge-fn", "tests.test_rlaif:length_score", "--policy", path, "--num-samples", "4",
+                 "--data", data, "--out", str(out), "--max-new-tokens", "6", "--temperature", "1.0"]) == 0
+    printed = capsys.readouterr().out
+    assert "best vs worst of 4 candidates" in printed
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert 1 <= len(rows) <= 3 and f"wrote {len(rows)} preference pairs" in printed
+    for r in rows:
+        assert r["score_chosen"] > r["score_rejected"]
+        assert len(r["chosen"][0]["content"]) > len(r["rejected"][0]["content"])
+        assert r["prompt"] in [c["prompt"] for c in convs]
+    loaded = load_rows(str(out))
+    assert detect_format(loaded) == "preference"
+    _, stats = tokenize_preference(loaded, tok, max_length=1024)
+    assert stats.examples == len(rows)
+
+
+def test_model_judge_reports_agreement_with_a_reference_scorer(tiny, tmp_path):
+    _, _, path = tiny
+    data = _write_jsonl(tmp_path / "cands.jsonl", [{"prompt": p, "response_a": a, "response_b": b}
+                                                   for p, a, b in zip(PROMPTS, RESP_A, RESP_B)])
+    info = rlaif.label(path, data, str(tmp_path / "o.jsonl"), agreement_fn="tests.test_rlaif:first_wins",
+                       settings=rlaif.JudgeSettings(principle="honesty"))
+    rows = [json.loads(line) for line in open(info["out"])]
+    picked_a = [r["chosen"] == a for r, a in zip(rows, RESP_A)]
+    assert info["compared"] == 2 and info["reference_ties"] == 1
+    assert info["agreement"] == pytest.approx((picked_a[0] + picked_a[2]) / 2)
+    assert [r["reference_agrees"] for r in rows] == [picked_a[0], None, picked_a[2]]
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "one of the arguments --judge --judge-fn is required"),
+    (["--judge", "J", "--judge-fn", "m:f"], "not allowed with argument"),
+])
+def test_label_needs_exactly_one_judge(tmp_path, capsys, args, message):
+    from jaxalign.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["label", *args, "--data", "d.jsonl", "--out", str(tmp_path / "o.jsonl")])
+    assert message in capsys.readouterr().err
+
+
+def test_label_rejects_inconsistent_judge_settings(tiny, tmp_path):
+    _, _, path = tiny
+    data = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": "p"}])
+    with pytest.raises(ConfigError, match="model judge compares pairs"):
+        rlaif.label(path, data, str(tmp_path / "o.jsonl"), policy_dir=path, num_samples=3)
+    with pytest.raises(ConfigError, match="labels already come from that scorer"):
+        rlaif.label(None, data, str(tmp_path / "o.jsonl"), judge_fn=length_score, agreement_fn=length_score)
+    with pytest.raises(DataError, match="all 1 prompts' candidates scored the same"):
+        rlaif.label(None, data, str(tmp_path / "o.jsonl"), judge_fn=lambda p, c: [0.0] * len(c), policy_dir=path,
+                    num_samples=2, sample={"max_new_tokens": 2})
+    bad = _write_jsonl(tmp_path / "bad.jsonl", [{"prompt": [{"role": "assistant", "content": "hi"}]}])
+    with pytest.raises(DataError, match="row 0: 'prompt' is .*ending with a user turn"):
+        rlaif.read_candidates(bad, need_responses=False)
+    assert not (tmp_path / "o.jsonl").exists()
+
+
 def test_missing_candidates_name_the_row_and_nothing_is_written(tiny, tmp_path):
     from jaxalign.cli import main
 

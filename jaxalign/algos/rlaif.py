@@ -33,7 +33,7 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -48,6 +48,7 @@ from jaxalign.algos.constitutional import (
     left_pad,
     load_constitution,
     pad_token_id,
+    render_messages,
     stop_token_ids,
     use_chat,
     write_rows,
@@ -292,10 +293,12 @@ def _softmax_first(lp: np.ndarray) -> np.ndarray:
 
 
 def read_candidates(source, split: str = "train", max_rows: int | None = None, need_responses: bool = True):
-    """(prompts, responses_a, responses_b) from rows with `prompt` + `response_a` + `response_b`
-    (responses are None when the columns are absent and `need_responses` is False)."""
+    """`(prompts, responses_a, responses_b)` from a dataset; the responses are None when the rows
+    have only prompts and `need_responses` is False (they are then sampled from a policy).
+    A prompt is a string or a conversation (a list of ``{"role", "content"}`` messages, as
+    chat datasets ship it); it is kept as it is (see :func:`prompt_text`)."""
     from jaxalign.config import builtin_path
-    from jaxalign.data import column_names, load_rows
+    from jaxalign.data.sources import column_names, load_rows
 
     rows = load_rows(builtin_path(source) if isinstance(source, str) else source, split=split)
     name = source if isinstance(source, str) else "rows"
@@ -304,98 +307,179 @@ def read_candidates(source, split: str = "train", max_rows: int | None = None, n
         raise DataError(f"{name}: needs a 'prompt' column (plus 'response_a' and 'response_b', or a policy model to "
                         f"sample them); found columns {sorted(cols)}")
     have = [c for c in ("response_a", "response_b") if c in cols]
+    rows = [row for i, row in enumerate(rows) if max_rows is None or i < max_rows]
+    prompts = [_prompt(row, i, name) for i, row in enumerate(rows)]
+    if not prompts:
+        raise DataError(f"{name}: no rows")
     if not have and not need_responses:
-        prompts = []
-        for i, row in enumerate(rows):
-            if max_rows is not None and i >= max_rows:
-                break
-            prompts.append(_text(row, "prompt", i, name))
         return prompts, None, None
     if len(have) < 2:
         missing = [c for c in ("response_a", "response_b") if c not in cols]
         raise DataError(f"{name}: column(s) {missing} missing; every prompt needs two candidate responses "
                         f"(response_a, response_b), or pass a policy model to sample them; found columns {sorted(cols)}")
-    prompts, a, b = [], [], []
-    for i, row in enumerate(rows):
-        if max_rows is not None and i >= max_rows:
-            break
-        prompts.append(_text(row, "prompt", i, name))
-        a.append(_text(row, "response_a", i, name, candidate=True))
-        b.append(_text(row, "response_b", i, name, candidate=True))
-    if not prompts:
-        raise DataError(f"{name}: no rows")
+    a = [_text(row, "response_a", i, name) for i, row in enumerate(rows)]
+    b = [_text(row, "response_b", i, name) for i, row in enumerate(rows)]
     return prompts, a, b
 
 
-def _text(row: Mapping, key: str, i: int, name: str, candidate: bool = False) -> str:
-    value = row.get(key)
-    if isinstance(value, str) and (candidate or value.strip()):
+def _prompt(row: Mapping, i: int, name: str):
+    value = row.get("prompt")
+    if isinstance(value, str) and value.strip():
         return value
-    what = "the candidate response" if candidate else "the prompt"
-    shown = repr(value) if not isinstance(value, str) else "an empty string"
-    raise DataError(f"{name}: row {i} has no {key!r} ({what} is {shown}); every row needs a prompt and two "
-                    "candidate responses (strings: response_a, response_b)")
+    if (isinstance(value, list) and value and all(isinstance(m, Mapping) and isinstance(m.get("content"), str)
+                                                  and m.get("role") for m in value) and value[-1]["role"] == "user"):
+        return [dict(m) for m in value]
+    shown = "an empty string" if isinstance(value, str) else repr(value)[:80]
+    raise DataError(f"{name}: row {i}: 'prompt' is {shown}; expected a string or a conversation (a list of "
+                    "{'role', 'content'} messages ending with a user turn)")
 
 
-def sample_candidates(policy: Model, tokenizer, prompts: Sequence[str], *, max_new_tokens: int = 64,
-                      temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0, seed: int = 0,
-                      batch_size: int = 8, chat: bool | str = False) -> tuple[list[str], list[str]]:
-    """Two samples per prompt from `policy` (temperature > 0, so they can differ)."""
+def _text(row: Mapping, key: str, i: int, name: str) -> str:
+    value = row.get(key)
+    if isinstance(value, str):
+        return value
+    raise DataError(f"{name}: row {i} has no {key!r} (the candidate response is {value!r}); every row needs a "
+                    "prompt and two candidate responses (strings: response_a, response_b)")
+
+
+def prompt_text(prompt) -> str:
+    """What a judge or checker is shown of a prompt: the string itself, or a conversation's last
+    user message."""
+    return prompt if isinstance(prompt, str) else prompt[-1]["content"]
+
+
+def sample_candidates(policy: Model, tokenizer, prompts: Sequence, *, num_samples: int = 2,
+                      max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, top_k: int = 0,
+                      seed: int = 0, batch_size: int = 8, chat: bool | str = False) -> list[list[str]]:
+    """`num_samples` completions per prompt from `policy` (temperature > 0, so they can differ).
+    A conversation prompt is rendered with the policy's chat template; a string prompt too when
+    `chat` is set."""
     if not temperature > 0:
-        raise ConfigError(f"sampling two candidates needs temperature > 0, got {temperature}")
-    chat = use_chat(tokenizer, chat)
+        raise ConfigError(f"sampling candidates needs temperature > 0, got {temperature}")
+    if num_samples < 2:
+        raise ConfigError(f"num_samples={num_samples}: a preference pair needs at least 2 candidates per prompt")
+    chat = use_chat(tokenizer, True if any(not isinstance(p, str) for p in prompts) else chat)
     if chat:
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True) for p in prompts]
+        texts = [render_messages(tokenizer, [{"role": "user", "content": p}] if isinstance(p, str) else p)
+                 for p in prompts]
     else:
         texts = list(prompts)
     ids = [encode_text(tokenizer, t, chat) for t in texts]
-    doubled = [r for r in ids for _ in range(2)]
-    out = generate_texts(policy, tokenizer, doubled, max_new_tokens=max_new_tokens, temperature=temperature,
+    repeated = [r for r in ids for _ in range(num_samples)]
+    out = generate_texts(policy, tokenizer, repeated, max_new_tokens=max_new_tokens, temperature=temperature,
                          top_p=top_p, top_k=top_k, seed=seed, batch_size=batch_size, what="prompt (policy)")
-    return out.texts[0::2], out.texts[1::2]
+    return [out.texts[i * num_samples:(i + 1) * num_samples] for i in range(len(prompts))]
 
 
 # ---------------------------------------------------------------------------- labeling
 
 
-def label_pairs(judge: Judge, prompts: Sequence[str], responses_a: Sequence[str], responses_b: Sequence[str]
+def _pair_row(prompt, chosen: str, rejected: str, **extra) -> dict:
+    """A preference row in TRL's layout: strings for a string prompt; for a conversation, the
+    prompt messages and chosen/rejected as assistant turns (TRL's conversational format)."""
+    if isinstance(prompt, str):
+        return {"prompt": prompt, "chosen": chosen, "rejected": rejected, **extra}
+    return {"prompt": prompt, "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}], **extra}
+
+
+def label_pairs(judge: Judge, prompts: Sequence, responses_a: Sequence[str], responses_b: Sequence[str]
                 ) -> list[dict]:
     """Preference rows (see the module docstring) for each (prompt, a, b)."""
     if not (len(prompts) == len(responses_a) == len(responses_b)):
         raise DataError(f"{len(prompts)} prompts but {len(responses_a)} / {len(responses_b)} candidate responses")
     s = judge.settings
     principles = judge.constitution.draw(len(prompts), seed=s.seed, name=s.principle)
-    r = judge.compare(prompts, responses_a, responses_b, [p.judge_text for p in principles])
+    r = judge.compare([prompt_text(p) for p in prompts], responses_a, responses_b,
+                      [p.judge_text for p in principles])
     rows = []
     for i, prompt in enumerate(prompts):
         p = float(r["p"][i])
         a_wins = p >= 0.5
         pref = min(max(p if a_wins else 1.0 - p, 0.5), 1.0 - 1e-6)
-        rows.append({
-            "prompt": prompt,
-            "chosen": responses_a[i] if a_wins else responses_b[i],
-            "rejected": responses_b[i] if a_wins else responses_a[i],
-            "preference": pref,
-            "margin": math.log(pref) - math.log1p(-pref),
-            "position_consistent": bool(r["consistent"][i]),
-            "principle": principles[i].name,
-            "p_ab": float(r["p_ab"][i]),
-            "p_ba": float(r["p_ba"][i]),
-        })
+        rows.append(_pair_row(
+            prompt, responses_a[i] if a_wins else responses_b[i], responses_b[i] if a_wins else responses_a[i],
+            preference=pref, margin=math.log(pref) - math.log1p(-pref),
+            position_consistent=bool(r["consistent"][i]), principle=principles[i].name,
+            p_ab=float(r["p_ab"][i]), p_ba=float(r["p_ba"][i])))
     return rows
 
 
-def label(judge_dir: str, data, out: str, *, policy_dir: str | None = None, constitution=None,
-          settings: JudgeSettings | None = None, split: str = "train", max_rows: int | None = None,
-          dtype=None, mesh=None, sample: dict | None = None) -> dict:
-    """`jaxalign label` as a function: read candidates (or sample them from `policy_dir`), judge
-    them with the model in `judge_dir` (tokenizer from the same dir), write the preference
-    dataset to `out` atomically. `sample`: keyword arguments of :func:`sample_candidates`.
-    Returns a summary (rows, agreement rate, mean preference, the output path)."""
+def score_candidates(score_fn: Callable, prompts: Sequence, candidates: Sequence[Sequence[str]]) -> np.ndarray:
+    """`[len(prompts), k]` scores of each prompt's candidates by a `(prompts, completions) ->
+    scores` function (a task checker or any `module:function` reward)."""
+    k = len(candidates[0]) if candidates else 0
+    if any(len(c) != k for c in candidates):
+        raise DataError("every prompt needs the same number of candidates")
+    flat_prompts = [prompt_text(p) for p in prompts for _ in range(k)]
+    flat = [c for cands in candidates for c in cands]
+    scores = np.asarray(score_fn(flat_prompts, flat), dtype=np.float64)
+    if scores.shape != (len(flat),) or not np.all(np.isfinite(scores)):
+        raise DataError(f"the scoring function returned {scores.shape} scores for {len(flat)} completions "
+                        "(or non-finite ones); it must return one finite float per completion")
+    return scores.reshape(len(prompts), k)
+
+
+def label_by_score(prompts: Sequence, candidates: Sequence[Sequence[str]], scores: np.ndarray
+                   ) -> tuple[list[dict], int]:
+    """Best-vs-worst preference rows: chosen = a highest-scored candidate, rejected = a lowest
+    (the first in sampling order among equals). A prompt whose candidates all score the same
+    says nothing about which is better and gives no row. Returns (rows, prompts dropped as ties)."""
+    rows, ties = [], 0
+    for prompt, cands, s in zip(prompts, candidates, scores):
+        hi, lo = int(np.argmax(s)), int(np.argmin(s))
+        if s[hi] == s[lo]:
+            ties += 1
+            continue
+        rows.append(_pair_row(prompt, cands[hi], cands[lo], score_chosen=float(s[hi]), score_rejected=float(s[lo])))
+    return rows, ties
+
+
+def judge_agreement(rows: Sequence[Mapping], scores_a: np.ndarray, scores_b: np.ndarray,
+                    responses_a: Sequence[str]) -> dict:
+    """How often an AI judge's choice agrees with a reference scorer (e.g. the task checker),
+    over the pairs the scorer does not tie. Marks each row with ``reference_agrees`` (None on a
+    tie) and returns ``{"agreement", "compared", "reference_ties"}``."""
+    agree = []
+    for row, sa, sb, a in zip(rows, scores_a, scores_b, responses_a):
+        if sa == sb:
+            row["reference_agrees"] = None
+            continue
+        chosen = row["chosen"] if isinstance(row["chosen"], str) else row["chosen"][0]["content"]
+        row["reference_agrees"] = (chosen == a) == bool(sa > sb)
+        agree.append(row["reference_agrees"])
+    return {"agreement": float(np.mean(agree)) if agree else float("nan"), "compared": len(agree),
+            "reference_ties": len(rows) - len(agree)}
+
+
+def label(judge_dir: str | None, data, out: str, *, judge_fn: str | Callable | None = None,
+          policy_dir: str | None = None, num_samples: int = 2, agreement_fn: str | Callable | None = None,
+          constitution=None, settings: JudgeSettings | None = None, split: str = "train",
+          max_rows: int | None = None, dtype=None, mesh=None, sample: dict | None = None) -> dict:
+    """`jaxalign label` as a function: read candidates (or sample `num_samples` per prompt from
+    `policy_dir`), label them and write the preference dataset to `out` atomically.
+
+    The judge is either a model (`judge_dir`, its tokenizer from the same dir: the log-prob
+    judge of the module docstring, on pairs) or a scoring function (`judge_fn`, e.g. a task
+    checker as ``"module:function"``: best vs worst of each prompt's candidates, ties
+    dropped). With a model judge, `agreement_fn` scores both candidates too and the summary
+    reports how often the judge agrees with it. `sample`: keyword arguments of
+    :func:`sample_candidates`. Returns a summary (rows, agreement/tie counts, the output path)."""
+    from jaxalign.algos.rollout import load_reward_fn
     from jaxalign.data import load_tokenizer
     from jaxalign.models import load_model
 
+    if (judge_dir is None) == (judge_fn is None):
+        raise ConfigError("give exactly one judge: a judge model directory (--judge) or a scoring function "
+                          "(--judge-fn module:function)")
+    if judge_dir is not None and num_samples != 2:
+        raise ConfigError(f"--num-samples {num_samples}: a model judge compares pairs (2 candidates per prompt); "
+                          "use a scoring judge (--judge-fn) for best-vs-worst of more samples")
+    if judge_fn is not None and agreement_fn is not None:
+        raise ConfigError("--agreement-fn compares a model judge with a scorer; with --judge-fn the labels "
+                          "already come from that scorer")
+    score = load_reward_fn(judge_fn, "--judge-fn") if isinstance(judge_fn, str) else judge_fn
+    reference = load_reward_fn(agreement_fn, "--agreement-fn") if isinstance(agreement_fn, str) else agreement_fn
     settings = settings or JudgeSettings()
     c = load_constitution(constitution)
     if settings.principle is not None:
@@ -404,19 +488,33 @@ def label(judge_dir: str, data, out: str, *, policy_dir: str | None = None, cons
     if a is None:
         policy_tok = load_tokenizer(policy_dir)
         policy = load_model(policy_dir, dtype=dtype, mesh=mesh)
-        log.info("sampling two candidates for each of %d prompts from %s", len(prompts), policy_dir)
-        a, b = sample_candidates(policy, policy_tok, prompts, **{"seed": settings.seed, **(sample or {})})
+        log.info("sampling %d candidates for each of %d prompts from %s", num_samples, len(prompts), policy_dir)
+        candidates = sample_candidates(policy, policy_tok, prompts,
+                                       **{"seed": settings.seed, "num_samples": num_samples, **(sample or {})})
         del policy
-    elif policy_dir is not None:
-        log.warning("%s already has response_a/response_b: the policy %s is not used", data, policy_dir)
-    judge = Judge(load_model(judge_dir, dtype=dtype, mesh=mesh), load_tokenizer(judge_dir), settings, c)
-    rows = label_pairs(judge, prompts, a, b)
-    path = write_rows(out, rows)
-    summary = {"out": path, "rows": len(rows),
-               "position_consistent": float(np.mean([r["position_consistent"] for r in rows])),
-               "mean_preference": float(np.mean([r["preference"] for r in rows])),
-               "identical_pairs": int(sum(r["chosen"] == r["rejected"] for r in rows)),
-               "scoring": judge.labels.scoring, "labels": judge.labels.describe()}
+    else:
+        if policy_dir is not None:
+            log.warning("%s already has response_a/response_b: the policy %s is not used", data, policy_dir)
+        candidates = [list(pair) for pair in zip(a, b)]
+    summary: dict = {"prompts": len(prompts), "candidates_per_prompt": len(candidates[0])}
+    if score is not None:
+        rows, ties = label_by_score(prompts, candidates, score_candidates(score, prompts, candidates))
+        summary.update(judge="function", ties_dropped=ties)
+    else:
+        a, b = [x[0] for x in candidates], [x[1] for x in candidates]
+        judge = Judge(load_model(judge_dir, dtype=dtype, mesh=mesh), load_tokenizer(judge_dir), settings, c)
+        rows = label_pairs(judge, prompts, a, b)
+        summary.update(judge="model", scoring=judge.labels.scoring, labels=judge.labels.describe(),
+                       position_consistent=float(np.mean([r["position_consistent"] for r in rows])),
+                       mean_preference=float(np.mean([r["preference"] for r in rows])),
+                       identical_pairs=int(sum(x == y for x, y in zip(a, b))))
+        if reference is not None:
+            ref = score_candidates(reference, prompts, candidates)
+            summary.update(judge_agreement(rows, ref[:, 0], ref[:, 1], a))
+    if not rows:
+        raise DataError(f"no preference pairs: all {len(prompts)} prompts' candidates scored the same; sample more "
+                        "candidates (--num-samples), at a higher --temperature, or use a finer-grained scorer")
+    summary.update(out=write_rows(out, rows), rows=len(rows))
     return summary
 
 
@@ -424,14 +522,25 @@ def label(judge_dir: str, data, out: str, *, policy_dir: str | None = None, cons
 
 
 def add_arguments(parser) -> None:
-    parser.description = ("RLAIF: label pairs of responses with an AI judge (log-probs of its choice tokens, both "
-                          "orders averaged) and write a prompt/chosen/rejected preference dataset.")
-    parser.add_argument("--judge", required=True, help="judge model directory (HF checkpoint + tokenizer)")
+    parser.description = ("RLAIF: label candidate responses with a judge and write a prompt/chosen/rejected "
+                          "preference dataset. The judge is a model (log-probs of its choice tokens, both orders "
+                          "averaged) or a scoring function such as a task checker (best vs worst of each prompt's "
+                          "candidates).")
+    judges = parser.add_mutually_exclusive_group(required=True)
+    judges.add_argument("--judge", default=None, help="judge model directory (HF checkpoint + tokenizer, or .gguf)")
+    judges.add_argument("--judge-fn", default=None,
+                        help="judge by a scoring function module:function, (prompts, completions) -> scores, "
+                             "e.g. jaxalign.data.arithmetic:reward")
     parser.add_argument("--data", required=True,
                         help="jsonl/json/parquet file or Hub dataset: prompt + response_a + response_b "
-                             "(or prompt only, with --policy)")
+                             "(or prompt only, with --policy); a prompt is a string or a chat conversation")
     parser.add_argument("--out", required=True, help="output preference dataset (.jsonl, .json or .parquet)")
-    parser.add_argument("--policy", default=None, help="sample two candidates per prompt from this model")
+    parser.add_argument("--policy", default=None, help="sample the candidates for each prompt from this model")
+    parser.add_argument("--num-samples", type=int, default=2,
+                        help="candidates sampled per prompt (with --policy); more than 2 needs --judge-fn")
+    parser.add_argument("--agreement-fn", default=None,
+                        help="with --judge: also score both candidates with this module:function (e.g. the task "
+                             "checker) and report how often the judge agrees with it")
     parser.add_argument("--constitution", default=None, help="constitution YAML (default: the shipped one)")
     parser.add_argument("--principle", default=None, help="judge every row under this principle (default: random)")
     parser.add_argument("--template", default=None, help="judge template (a string, or @FILE); fields {prompt}, "
@@ -453,7 +562,8 @@ def add_arguments(parser) -> None:
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--temperature", type=float, default=1.0)
     g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--policy-chat", action="store_true", help="wrap prompts with the policy's chat template")
+    g.add_argument("--policy-chat", action="store_true",
+                   help="wrap string prompts with the policy's chat template (conversations always are)")
 
 
 def run(args) -> dict:
@@ -469,14 +579,22 @@ def run(args) -> dict:
                              batch_size=args.batch_size, principle=args.principle, seed=args.seed)
     sample = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                   batch_size=args.batch_size, chat=args.policy_chat)
-    info = label(args.judge, args.data, args.out, policy_dir=args.policy, constitution=args.constitution,
+    info = label(args.judge, args.data, args.out, judge_fn=args.judge_fn, policy_dir=args.policy,
+                 num_samples=args.num_samples, agreement_fn=args.agreement_fn, constitution=args.constitution,
                  settings=settings, split=args.split, max_rows=args.max_rows, dtype=args.dtype,
                  mesh=parse_mesh(args.mesh), sample=sample)
-    print(f"wrote {info['rows']} preference pairs to {info['out']} (position-consistent: "
-          f"{info['position_consistent']:.1%}, mean preference {info['mean_preference']:.3f}, "
-          f"{info['scoring']} scoring: {info['labels']})")
+    if info["judge"] == "function":
+        detail = (f"best vs worst of {info['candidates_per_prompt']} candidates; {info['ties_dropped']} of "
+                  f"{info['prompts']} prompts dropped, all their candidates scored the same")
+    else:
+        detail = (f"position-consistent: {info['position_consistent']:.1%}, mean preference "
+                  f"{info['mean_preference']:.3f}, {info['scoring']} scoring: {info['labels']}")
+        if "agreement" in info:
+            detail += (f"; agrees with {args.agreement_fn} on {info['agreement']:.1%} of {info['compared']} pairs "
+                       f"it does not tie ({info['reference_ties']} tied)")
+    print(f"wrote {info['rows']} preference pairs to {info['out']} ({detail})")
     return info
 
 
-__all__ = ["JUDGE_TEMPLATE", "Judge", "JudgeSettings", "LabelTokens", "label", "label_pairs", "read_candidates",
-           "sample_candidates"]
+__all__ = ["JUDGE_TEMPLATE", "Judge", "JudgeSettings", "LabelTokens", "judge_agreement", "label", "label_by_score",
+           "label_pairs", "prompt_text", "read_candidates", "sample_candidates", "score_candidates"]
