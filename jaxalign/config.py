@@ -76,7 +76,10 @@ class TrainSection:
     """Loop settings. batch_size is global (all processes); grad_accum splits it.
     logprob_chunk: sequence positions per LM-head chunk, rematerialized in the backward pass
     (a chunk >= the sequence length forms the logits in one piece, kept for the backward
-    pass); null picks one piece when the f32 logits fit 1 GiB, else chunks of 128."""
+    pass); null picks one piece when the f32 logits fit 1 GiB, else chunks of 128.
+    on_nonfinite: "stop" at the first step with a NaN/inf loss or gradient, or "skip" such
+    steps (the update is not applied); max_skipped_steps: with "skip", the run stops with an
+    error once more steps than this were skipped (null: 10% of train.steps, at least 1)."""
 
     steps: int = 100
     batch_size: int = 8
@@ -88,6 +91,7 @@ class TrainSection:
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
     on_nonfinite: str = "stop"
+    max_skipped_steps: int | None = None
     logprob_chunk: int | None = None
     export: bool = True
 
@@ -346,6 +350,8 @@ def _validate(cfg: Config) -> None:
         raise ConfigError(f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}")
     if t.steps <= 0 or t.batch_size <= 0 or t.grad_accum <= 0:
         raise ConfigError("train.steps, train.batch_size and train.grad_accum must be positive")
+    if t.max_skipped_steps is not None and t.max_skipped_steps < 0:
+        raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0 (null: 10% of train.steps)")
     if cfg.model.path is None and cfg.model.config is None:
         raise ConfigError("set model.path (an HF checkpoint dir) or model.config (a config.json to init from scratch)")
 
@@ -391,3 +397,43 @@ def to_dict(cfg: Config) -> dict:
 def save_config(cfg: Config, path: str) -> None:
     with open(path, "w") as f:
         yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def config_history(run_dir: str) -> list[str]:
+    """The run's saved configs, oldest first: `config.yaml` (the first run), then
+    `config.resume-1.yaml`, `config.resume-2.yaml`, ... (one per resume)."""
+    paths, k = [], 0
+    path = os.path.join(run_dir, "config.yaml")
+    while os.path.exists(path):
+        paths.append(path)
+        k += 1
+        path = os.path.join(run_dir, f"config.resume-{k}.yaml")
+    return paths
+
+
+def record_config(cfg: Config, run_dir: str, resumed: bool) -> str:
+    """Save `cfg` into the run's history: `config.yaml` on a fresh start, the next free
+    `config.resume-K.yaml` on a resume (the earlier records are kept). Returns the path."""
+    history = config_history(run_dir) if resumed else []
+    path = os.path.join(run_dir, f"config.resume-{len(history)}.yaml" if history else "config.yaml")
+    save_config(cfg, path)
+    return path
+
+
+def changes_since(path: str, cfg: Config) -> list[str]:
+    """`key.sub: saved -> now` for every key whose value in `cfg` differs from the saved config at `path`."""
+    with open(path) as f:
+        saved = yaml.safe_load(f) or {}
+    return _differences(saved, yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+
+
+def _differences(old: dict, new: dict, where: str = "") -> list[str]:
+    out = []
+    for key in list(old) + [k for k in new if k not in old]:
+        full = f"{where}.{key}" if where else str(key)
+        a, b = old.get(key, "(absent)"), new.get(key, "(absent)")
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, full)
+        elif a != b:
+            out.append(f"{full}: {a!r} -> {b!r}")
+    return out

@@ -23,3 +23,11 @@ class ConfigError(JaxalignError, ValueError):
 
 class DataError(JaxalignError, ValueError):
     """A dataset is missing, empty or lacks the columns its format needs."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """An intact checkpoint holds a different train state than this run's config builds."""
+
+
+class NonFiniteLossError(JaxalignError, FloatingPointError):
+    """Training produced a NaN/inf loss or gradient (or skipped more such steps than allowed)."""

@@ -301,6 +301,14 @@ def test_preference_truncation(tok):
     assert stats.dropped == 1 and stats.drop_reasons == {"too_long": 1}
 
 
+def test_pairs_identical_after_truncation_are_dropped(tok):
+    rows = [{"prompt": "copy: ab\n", "chosen": "abcdefgh", "rejected": "abcdefgx"}]  # prompt 10 tokens
+    pairs, stats = tokenize_preference(rows, tok, max_length=14, on_bad_row="error")  # a truncation drop
+    assert pairs == [] and stats.drop_reasons == {"chosen_equals_rejected_after_truncation": 1}
+    (p,), stats = tokenize_preference(rows, tok, max_length=18)  # the last tokens still differ
+    assert stats.truncated == 1 and p["chosen_ids"].tolist() != p["rejected_ids"].tolist()
+
+
 # ----------------------------------------------------------------------------- batching
 
 
@@ -431,6 +439,18 @@ def test_iterator_resume(packing):
             assert batches_equal(next(fresh), expected[j]), (k, j)
     with pytest.raises(DataError, match="seed"):
         BatchIterator(exs, 4, seed=6).restore(state)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_partial_last_batch_is_counted(packing):
+    exs = make_examples(37)
+    kw = dict(seed=5, packing=packing, seq_len=64 if packing else None)
+    it = BatchIterator(exs, 4, **kw)
+    batched = sum(len(unpack(next(it))) for _ in range(len(it)))
+    assert batched + it.left_out_per_epoch == 37
+    if not packing:
+        assert it.left_out_per_epoch == 1
+    assert BatchIterator(exs, 4, drop_last=False, **kw).left_out_per_epoch == 0
 
 
 def test_no_shuffle_keeps_order():

@@ -145,10 +145,15 @@ def test_bad_rows_dropped_and_counted_or_named(tmp_path, hf_model):
     _, path = hf_model("llama")
     data = tmp_path / "bad.jsonl"
     good = open(letter_prefs(tmp_path / "good.jsonl", 32, 0)).read()
+    cut = "x" * 20  # past data.max_length=24: the responses below differ only after it
     data.write_text('{"prompt": "say: a\\n", "chosen": "ab", "rejected": "ab"}\n'
-                    '{"prompt": "say: a\\n", "chosen": "", "rejected": "cd"}\n' + good)
+                    '{"prompt": "say: a\\n", "chosen": "", "rejected": "cd"}\n'
+                    f'{{"prompt": "say: a\\n", "chosen": "{cut}a", "rejected": "{cut}b"}}\n'
+                    '{"prompt": "say: b\\n", "chosen": "ab", "rejected": "cd"}\n' + good)
     _, _, objective = _objective(tmp_path / "x", path, [f"data.train={data}", "data.eval=null"])
     stats = objective.summary["train data"]
-    assert stats["examples"] == 32 and stats["drop_reasons"] == {"chosen_equals_rejected": 1, "empty_response": 1}
+    assert stats["examples"] == 33 and stats["drop_reasons"] == {
+        "chosen_equals_rejected": 1, "empty_response": 1, "chosen_equals_rejected_after_truncation": 1}
+    assert stats["left_out_per_epoch"] == 1  # 33 pairs in batches of 16
     with pytest.raises(DataError, match="row 0: .*identical"):
         _objective(tmp_path / "y", path, [f"data.train={data}", "data.eval=null", "data.on_bad_row=error"])

@@ -71,6 +71,23 @@ def test_chunked_logprobs_equal_naive_log_softmax():
         np.testing.assert_allclose(g[0]["lm_head"]["kernel"], g_naive[0]["lm_head"]["kernel"], atol=1e-5)
 
 
+def test_ties_with_the_label_count_as_wrong():
+    """A collapsed model (every logit equal, e.g. after a blown-up run) predicts nothing:
+    with ties counted as correct it had token accuracy and exact match 1.0."""
+    m = model()
+    params = {**m.params, "lm_head": {"kernel": jnp.zeros_like(m.params["lm_head"]["kernel"])}}
+    batch = jax.tree.map(jnp.asarray, padded_batch([[1, 2, 3, 4], [5, 6, 7]], 8, loss_from=[2, 1]))
+    for chunk in (None, 3):
+        sums = sft_sums(params, m.config, batch, chunk)
+        assert float(sums["token_accuracy"][0]) == 0 and float(sums["token_accuracy"][1]) == 4
+        assert float(sums["exact_match"][0]) == 0 and float(sums["exact_match"][1]) == 2
+    # A unique largest logit at the label still counts.
+    h = jnp.ones((1, 2, CFG.hidden_size))
+    kernel = jnp.zeros((CFG.hidden_size, CFG.vocab_size)).at[:, 5].set(1.0)
+    _, _, correct = label_logprobs({**params, "lm_head": {"kernel": kernel}}, m.config, h, jnp.array([[5, 6]]))
+    assert correct.tolist() == [[True, False]]
+
+
 def test_linear_seam_backward_equals_autodiff_of_dot():
     """`linear` on plain arrays has a hand-written backward pass; it must give autodiff's numbers."""
     from jaxalign.nn import linear

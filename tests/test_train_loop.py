@@ -1,8 +1,10 @@
-"""The training loop end to end: configs, data errors, resume after SIGKILL, damaged
-checkpoints, the quickstart's held-out gain."""
+"""The training loop end to end: configs, data errors, resume after SIGKILL, damaged and
+mismatched checkpoints, the run's records (config history, metrics), non-finite steps, the
+quickstart's held-out gain."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,7 +16,7 @@ import numpy as np
 import pytest
 
 from jaxalign.config import load_config
-from jaxalign.errors import CheckpointError, ConfigError, DataError
+from jaxalign.errors import CheckpointError, CheckpointMismatchError, ConfigError, DataError
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.loop import train
 from jaxalign.train.metrics import read_metrics
@@ -110,6 +112,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
                                rtol=1e-6)
 
 
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
 def _corrupt(step_dir):
     """Overwrite the middle of every array data file of a saved state with garbage."""
     hit = 0
@@ -133,7 +139,7 @@ def test_damaged_latest_checkpoint_falls_back_then_errors(tmp_path):
     ckpt.save(2, state2, {"data": 2})
     ckpt.close()
     _corrupt(str(tmp_path / "2"))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state1)
+    abstract = _abstract(state1)
     reader = Checkpointer(str(tmp_path), keep=3)
     state, meta, step = reader.restore_latest(abstract)
     reader.close()
@@ -144,6 +150,100 @@ def test_damaged_latest_checkpoint_falls_back_then_errors(tmp_path):
     with pytest.raises(CheckpointError, match="every checkpoint .* is damaged"):
         reader.restore_latest(abstract)
     reader.close()
+
+
+def test_damaged_step_is_saved_again_after_the_fallback(tmp_path):
+    """The run resumed from step 1 saves step 2 again (orbax refused it while the damaged
+    step 2 existed, so every later run fell back too); a refused save is an error."""
+    state1 = {"w": jnp.arange(4096, dtype=jnp.float32)}
+    ckpt = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    ckpt.save(1, state1, {"data": 1})
+    ckpt.save(2, state1, {"data": 2})
+    ckpt.close()
+    _corrupt(str(tmp_path / "2"))
+    resumed = Checkpointer(str(tmp_path), keep=3, use_async=False)
+    assert resumed.restore_latest(_abstract(state1))[2] == 1
+    state2 = {"w": state1["w"] * 3}
+    resumed.save(2, state2, {"data": 22})
+    with pytest.raises(CheckpointError, match="step 1 was not saved"):
+        resumed.save(1, state1, {"data": 1})
+    resumed.close()
+    reader = Checkpointer(str(tmp_path), keep=3)
+    state, meta, step = reader.restore_latest(_abstract(state1))
+    reader.close()
+    assert step == 2 and meta["data"] == 22
+    np.testing.assert_array_equal(state["w"], state2["w"])
+
+
+def test_checkpoint_of_another_state_is_a_mismatch_not_damage(tmp_path):
+    ckpt = Checkpointer(str(tmp_path), use_async=False)
+    ckpt.save(1, {"w": jnp.ones(8)}, {})
+    ckpt.close()
+    other = {"w": jax.ShapeDtypeStruct((4,), jnp.float32), "lora": {"a": jax.ShapeDtypeStruct((2,), jnp.float32)}}
+    reader = Checkpointer(str(tmp_path))
+    with pytest.raises(CheckpointMismatchError, match=r"lora/a: not in the checkpoint; w: \(8,\) float32 in the "
+                                                       r"checkpoint, \(4,\) float32 here"):
+        reader.restore_latest(other)
+    reader.close()
+    assert Checkpointer(str(tmp_path)).steps() == [1]  # nothing deleted
+
+
+def test_rerun_with_another_config_names_the_difference_and_keeps_the_records(tmp_path):
+    """A re-run whose config does not fit the checkpoints names the differing keys, and, like
+    any re-run that fails, writes nothing; a resume adds config.resume-1.yaml."""
+    base = SMALL + [f"output_dir={tmp_path}", "train.steps=2"]
+    train(load_config(QUICKSTART, base))
+    records = {name: (tmp_path / name).read_text() for name in ("config.yaml", "metrics.jsonl")}
+    with pytest.raises(CheckpointMismatchError) as err:
+        train(load_config(QUICKSTART, base + ["lora.rank=4"]))
+    msg = str(err.value)
+    assert "lora.rank: 0 -> 4" in msg and "config.yaml" in msg and "new output_dir" in msg
+    assert "damaged" not in msg and "\n" not in msg
+    with pytest.raises(DataError):
+        train(load_config(QUICKSTART, base + [f"data.train={tmp_path / 'missing.jsonl'}"]))
+    assert {name: (tmp_path / name).read_text() for name in records} == records
+    assert not (tmp_path / "config.resume-1.yaml").exists()
+    train(load_config(QUICKSTART, base + ["train.steps=3"]))
+    assert (tmp_path / "config.yaml").read_text() == records["config.yaml"]
+    assert load_config(str(tmp_path / "config.resume-1.yaml")).train.steps == 3
+
+
+def _tensorboard_steps(run_dir, tag="loss"):
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = []
+    for name in sorted(os.listdir(run_dir / "tensorboard")):
+        for event in EventFileLoader(str(run_dir / "tensorboard" / name)).Load():
+            steps += [event.step for v in event.summary.value if v.tag == tag]
+    return sorted(steps)
+
+
+def test_resume_keeps_metrics_append_only_without_torn_lines_or_duplicates(tmp_path):
+    base = SMALL + [f"output_dir={tmp_path}", "train.save_every=2"]
+    train(load_config(QUICKSTART, base + ["train.steps=4"]))
+    shutil.rmtree(tmp_path / "checkpoints" / "4")  # as if killed after logging step 4 ...
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # ... and during the write of step 5
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4]  # the torn line is left out
+    train(load_config(QUICKSTART, base + ["train.steps=6"]))  # resumes at step 2
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == [1, 2, 3, 4, 5, 6]
+    assert _tensorboard_steps(tmp_path) == [1, 2, 3, 4, 5, 6]
+    inode = os.stat(tmp_path / "metrics.jsonl").st_ino
+    train(load_config(QUICKSTART, base + ["train.steps=8"]))  # nothing to drop: appended to
+    assert os.stat(tmp_path / "metrics.jsonl").st_ino == inode
+    assert [r["step"] for r in read_metrics(str(tmp_path))] == list(range(1, 9))
+    assert _tensorboard_steps(tmp_path) == list(range(1, 9))
+
+
+def test_skipping_too_many_nonfinite_steps_fails_the_run(tmp_path):
+    """A learning rate that blows up with on_nonfinite=skip: the run stops with an error
+    (exit status 2) once more than max_skipped_steps (default 10% of 20) were skipped."""
+    cmd = [sys.executable, "-m", "jaxalign.cli", "train", QUICKSTART, f"output_dir={tmp_path}", *SMALL,
+           "train.steps=20", "train.on_nonfinite=skip", "optim.learning_rate=1e30", "optim.warmup_steps=0"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2, out.stderr
+    assert "error: 3 steps up to step" in out.stderr and "train.max_skipped_steps=2" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_quickstart_improves_heldout_accuracy(tmp_path):

@@ -240,7 +240,8 @@ def build(cfg, model, tokenizer):
                     **length_bias(rc, rr, o["chosen_length"], o["rejected_length"])}
 
     summary: dict[str, Any] = {
-        "train data": stats.as_dict(), "batch shapes (local pairs, T)": train_batches.shapes,
+        "train data": {**stats.as_dict(), "left_out_per_epoch": train_batches.left_out_per_epoch},
+        "batch shapes (local pairs, T)": train_batches.shapes,
         "dpo": f"loss_type={d.loss_type} beta={d.beta} label_smoothing={d.label_smoothing} reference={reference}",
         "reference memory": memory,
     }

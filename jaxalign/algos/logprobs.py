@@ -32,7 +32,8 @@ def _chunk_stats(params, config: ModelConfig, hidden, labels, temperature):
     lse = jnp.log(total)
     label_shifted = jnp.take_along_axis(shifted, labels[..., None], axis=-1)[..., 0]
     entropy = lse - jnp.sum(exp * shifted, axis=-1) / total
-    correct = label_shifted >= 0  # the label attains the max logit (ties count as correct)
+    # The label is the one largest logit: a tie (e.g. a collapsed model's equal logits) is wrong.
+    correct = (label_shifted >= 0) & (jnp.sum(shifted >= 0, axis=-1) == 1)
     return label_shifted - lse, entropy, correct
 
 
@@ -42,10 +43,10 @@ def label_logprobs(params, config: ModelConfig, hidden, labels, *, chunk_size: i
 
     hidden [B, T, D] (final-norm hidden states), labels [B, T] int (the token each position
     predicts). Returns (logp, entropy, correct), each [B, T]: log p(label) under
-    softmax(logits / temperature), the distribution's entropy, and whether label attains
-    the largest logit. chunk_size: sequence positions per rematerialized chunk; one >= T
-    means one piece without remat; None picks one piece when the f32 logits fit
-    `LOGITS_BUDGET_BYTES`, else `DEFAULT_CHUNK`.
+    softmax(logits / temperature), the distribution's entropy, and whether label is the
+    unique largest logit (ties count as wrong). chunk_size: sequence positions per
+    rematerialized chunk; one >= T means one piece without remat; None picks one piece when
+    the f32 logits fit `LOGITS_BUDGET_BYTES`, else `DEFAULT_CHUNK`.
     """
     b, t, d = hidden.shape
     if chunk_size is None:

@@ -293,7 +293,8 @@ def build(cfg, model, tokenizer):
                     **length_bias(rc, rr, o["chosen_length"], o["rejected_length"])}
 
     summary: dict[str, Any] = {
-        "train data": stats.as_dict(), "batch shapes (local pairs, T)": train_batches.shapes,
+        "train data": {**stats.as_dict(), "left_out_per_epoch": train_batches.left_out_per_epoch},
+        "batch shapes (local pairs, T)": train_batches.shapes,
         "score head": ("new, N(0, %.4g)" % (r.head_init_std if r.head_init_std is not None
                                            else heads.default_head_std(config))) if fresh else "from the checkpoint",
     }

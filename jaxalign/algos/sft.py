@@ -12,9 +12,9 @@ def sft_sums(params, config, batch: dict, chunk_size: int | None = None) -> dict
     """{name: (sum, count)} for a batch with input_ids, positions, segment_ids, loss_mask [B, T].
 
     loss: summed negative log-likelihood of every target token (loss_mask marks targets);
-    token_accuracy: target tokens that are the argmax; exact_match: rows (examples) whose
-    every target is the argmax, which is exactly "greedy decoding reproduces the
-    completion" (unpacked rows only: a packed row counts as one).
+    token_accuracy: target tokens that are the unique argmax (a tie counts as wrong);
+    exact_match: rows (examples) whose every target is, which is exactly "greedy decoding
+    reproduces the completion" (unpacked rows only: a packed row counts as one).
     """
     logp, _, correct = token_logprobs(params, config, batch, chunk_size=chunk_size)
     m = shifted_targets_mask(batch["loss_mask"], batch["segment_ids"])
@@ -79,7 +79,8 @@ def build(cfg, model, tokenizer):
             return BatchIterator(eval_examples, shuffle=False, drop_last=False, num_epochs=1,
                                  seq_len=cfg.data.max_length, **common)
 
-    summary = {"train data": stats.as_dict(), "batch shapes (local rows, T)": train_batches.shapes}
+    summary = {"train data": {**stats.as_dict(), "left_out_per_epoch": train_batches.left_out_per_epoch},
+               "batch shapes (local rows, T)": train_batches.shapes}
     if eval_stats is not None:
         summary["eval data"] = eval_stats.as_dict()
     return Objective(loss_fn=loss_fn, train_batches=train_batches, eval_batches=eval_batches, summary=summary)

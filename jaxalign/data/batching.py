@@ -178,9 +178,11 @@ class BatchIterator:
       :func:`default_buckets` of the longest example).
     * packing (``packing=True``, SFT only): examples are first-fit packed into rows of
       ``seq_len`` tokens; consecutive runs of B rows form a batch.
-    ``drop_last``: drop the last incomplete batch of an epoch; otherwise it is filled with
-    all-padding rows (every mask 0), so shapes stay the same. ``num_epochs=None`` repeats
-    forever. :meth:`state` / :meth:`restore` resume exactly at the next batch.
+    ``drop_last``: drop the last incomplete batch of an epoch (:attr:`left_out_per_epoch`
+    counts its examples in epoch 0: a different random subset each epoch when shuffling);
+    otherwise it is filled with all-padding rows (every mask 0), so shapes stay the same.
+    ``num_epochs=None`` repeats forever. :meth:`state` / :meth:`restore` resume exactly at
+    the next batch.
     ``len(it)`` / ``steps_per_epoch``: batches in epoch 0 (with packing, later epochs can
     differ by a batch or so, since rows depend on the order).
     """
@@ -250,7 +252,9 @@ class BatchIterator:
         self.epoch, self.step = 0, 0
         self._plan_epoch, self._plan = None, None
         self.seen_shapes: set[tuple[int, int]] = set()
-        self.steps_per_epoch = len(self._epoch_plan(0))
+        plan = self._epoch_plan(0)
+        self.steps_per_epoch = len(plan)
+        self.left_out_per_epoch = len(examples) - sum(len(row) for batch in plan for row in batch)
         if self.steps_per_epoch == 0:
             raise DataError(
                 f"{len(examples)} examples ({'packed rows' if packing else 'rows'}: too few) make no full batch of "

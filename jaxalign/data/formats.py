@@ -36,7 +36,8 @@ Truncation (``max_length``): ``"truncate"`` keeps the first ``max_length`` token
 prompt is never cut first, so a long prompt can leave no completion: such examples are
 dropped, reason ``no_targets_after_truncation``); ``"drop"`` drops too-long examples.
 Preference pairs: the prompt is first cut from the left to ``max_prompt_length`` (BOS
-kept), then prompt + response is cut on the right to ``max_length``.
+kept), then prompt + response is cut on the right to ``max_length``; a pair whose responses
+become identical is dropped (reason ``chosen_equals_rejected_after_truncation``).
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ _EXPECTED = {
 }
 _HH_ASSISTANT = "\n\nAssistant:"
 # Drops decided by the truncation option, never errors (even with on_bad_row="error").
-_TRUNCATION_REASONS = ("too_long", "no_targets_after_truncation")
+_TRUNCATION_REASONS = ("too_long", "no_targets_after_truncation", "chosen_equals_rejected_after_truncation")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -573,6 +574,9 @@ def tokenize_preference(
                         f"the prompt leaves no room for the responses within max_length={max_length}; "
                         "set max_prompt_length below max_length",
                     )
+                if np.array_equal(c_ids, r_ids):
+                    raise BadRow("chosen_equals_rejected_after_truncation",
+                                 f"chosen and rejected are identical within max_length={max_length}")
                 stats.truncated += 1
         except BadRow as e:
             if on_bad_row == "error" and e.reason not in _TRUNCATION_REASONS:

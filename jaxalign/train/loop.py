@@ -13,8 +13,8 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxalign.config import Config, builtin_path, save_config
-from jaxalign.errors import CheckpointError, ConfigError, JaxalignError
+from jaxalign.config import Config, builtin_path, changes_since, config_history, record_config
+from jaxalign.errors import CheckpointError, CheckpointMismatchError, ConfigError, NonFiniteLossError
 from jaxalign.models.config import from_hf_dict
 from jaxalign.models.model import Model, init_model, load_model
 from jaxalign.parallel import distributed
@@ -27,10 +27,6 @@ from jaxalign.train.optim import make_optimizer
 from jaxalign.train.step import TrainState, init_state, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLossError(JaxalignError, FloatingPointError):
-    """Training produced a NaN/inf loss or gradient."""
 
 
 def build_model(cfg: Config, mesh) -> Model:
@@ -145,13 +141,30 @@ def evaluate(objective: Objective, eval_step, params, frozen, combine, mesh) -> 
     return out
 
 
+def restore_checkpoint(ckpt: Checkpointer, abstract_state, cfg: Config, out_dir: str):
+    """`ckpt.restore_latest`; a checkpoint that does not fit this config is reported with the
+    config keys that differ from the saved config of the run that wrote it."""
+    try:
+        return ckpt.restore_latest(abstract_state)
+    except CheckpointMismatchError as e:
+        ckpt.close()
+        history = config_history(out_dir)
+        changes = changes_since(history[-1], cfg) if history else []
+        if not changes:
+            raise CheckpointMismatchError(f"{e}; no config key differs from a saved config of the run, so it may "
+                                          "come from another jaxalign version: choose a new output_dir") from None
+        more = f" (+{len(changes) - 5} more)" if len(changes) > 5 else ""
+        raise CheckpointMismatchError(
+            f"the checkpoints in {out_dir} are intact but were saved with another config: {'; '.join(changes[:5])}"
+            f"{more} (against {os.path.basename(history[-1])}, the config that saved them). To resume, rerun "
+            f"with that config; to train with this one, choose a new output_dir. Details: {e}") from None
+
+
 def train(cfg: Config) -> dict:
     """Run (or resume) the configured training; returns the final metrics record."""
     distributed.initialize(cfg.distributed)  # multi-host: join the job first (no-op if joined / single)
     out_dir = os.path.abspath(cfg.output_dir)
     os.makedirs(out_dir, exist_ok=True)
-    if jax.process_index() == 0:
-        save_config(cfg, os.path.join(out_dir, "config.yaml"))
     mesh = make_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg)
     model = apply_transforms(build_model(cfg, mesh), cfg)
@@ -170,12 +183,15 @@ def train(cfg: Config) -> dict:
 
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                         use_async=cfg.train.async_checkpoints)
-    start = 0
-    restored = ckpt.restore_latest(_abstract(state))
+    start, skipped = 0, 0
+    restored = restore_checkpoint(ckpt, _abstract(state), cfg, out_dir)
     if restored is not None:
         state, meta, start = restored
+        skipped = meta.get("skipped", 0)
         objective.train_batches.restore(meta["data"])
         log.info("resumed from %s at step %d", ckpt.directory, start)
+    if jax.process_index() == 0:  # everything is checked: only now does the run directory change
+        record_config(cfg, out_dir, resumed=restored is not None)
     if objective.bind_params is not None:
         objective.bind_params(lambda: combine(state.params, frozen))  # sees `state` as the loop updates it
     logger = MetricsLogger(out_dir, steps, resume_step=start)
@@ -202,6 +218,7 @@ def train(cfg: Config) -> dict:
 
     if start == 0:
         run_eval(0)
+    max_skipped = cfg.train.max_skipped_steps if cfg.train.max_skipped_steps is not None else max(1, steps // 10)
     record: dict = {}
     tokens, t_last, s_last = 0, time.time(), start
     for step in range(start + 1, steps + 1):
@@ -210,12 +227,17 @@ def train(cfg: Config) -> dict:
         state, metrics = step_fn(state, frozen, to_global(batch, mesh))
         metrics = jax.device_get(metrics)
         if not metrics.pop("finite"):
+            skipped += 1
             msg = (f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
                    f"grad_norm={metrics['grad_norm']}); the step was not applied")
+            fix = "lower optim.learning_rate or enable clipping (optim.max_grad_norm)"
             if cfg.train.on_nonfinite == "stop":
                 ckpt.close()
-                raise NonFiniteLossError(msg + ". Lower optim.learning_rate, enable clipping "
-                                         "(optim.max_grad_norm), or set train.on_nonfinite=skip")
+                raise NonFiniteLossError(f"{msg}; {fix}, or set train.on_nonfinite=skip")
+            if skipped > max_skipped:
+                ckpt.close()
+                raise NonFiniteLossError(f"{skipped} steps up to step {step} had a non-finite loss or gradient and "
+                                         f"were skipped, more than train.max_skipped_steps={max_skipped}; {fix}")
             log.warning(msg)
         if step % cfg.train.log_every == 0 or step == steps:
             elapsed = time.time() - t_last
@@ -227,7 +249,7 @@ def train(cfg: Config) -> dict:
         if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
             run_eval(step)
         if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
-            ckpt.save(step, state, {"data": objective.train_batches.state(), "step": step})
+            ckpt.save(step, state, {"data": objective.train_batches.state(), "step": step, "skipped": skipped})
     final = run_eval(steps) if start < steps else {}
     ckpt.close()
     if cfg.train.export:
