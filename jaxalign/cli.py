@@ -30,7 +30,7 @@ def _convert(args) -> None:
 def _plot(args) -> None:
     from jaxalign.plot import plot_run
 
-    print(plot_run(args.run_dir, args.out))
+    print(plot_run(args.run_dir, args.out, args.metrics.split(",") if args.metrics else None))
 
 
 # Commands that run models; from the shell they start with the tuned allocator (jaxalign.runtime).
@@ -47,9 +47,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jaxalign", description="Align causal LMs with JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train with a YAML config: jaxalign train CONFIG.yaml [key.sub=value ...]")
+    from jaxalign import config
+
+    p = sub.add_parser("train", help="train with a YAML config: jaxalign train CONFIG.yaml [key.sub=value ...]",
+                       description=f"Train with a YAML config of sections: {', '.join(config.SECTIONS)} "
+                                   "(plus top-level algorithm, output_dir).",
+                       epilog="`jaxalign config show [SECTION ...]` prints every key with its default and meaning.")
     p.add_argument("config", help="YAML config file (see configs/)")
     p.add_argument("overrides", nargs="*", help="config overrides like train.steps=100 output_dir=runs/x")
+
+    p = sub.add_parser("config", help="jaxalign config show [SECTION ...]: every config key, its default and meaning")
+    p.add_argument("action", choices=["show"])
+    p.add_argument("sections", nargs="*", help=f"sections (default: all): top-level, {', '.join(config.SECTIONS)}")
 
     p = sub.add_parser("convert", help="convert a model file to an HF directory: jaxalign convert gguf FILE.gguf OUT_DIR")
     p.add_argument("format", choices=["gguf"], help="the input format")
@@ -69,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("plot", help="plot a run's metrics.jsonl to a PNG")
     p.add_argument("run_dir")
     p.add_argument("--out", default=None, help="PNG path (default RUN_DIR/curves.png)")
+    p.add_argument("--metrics", default=None, help="comma-separated metric names to plot, in order (default: all)")
 
     from jaxalign import bench, sampling
 
@@ -85,14 +95,23 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "jax._src", "orbax", "etils"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from jaxalign.errors import JaxalignError
+    from jaxalign.paths import check_output_file
 
     try:
-        {"train": _train, "plot": _plot, "convert": _convert, "example-model": example_models.run,
+        if args.command in ("label", "cai"):  # outputs are checked before any model is loaded
+            check_output_file(args.out, "--out")
+            if getattr(args, "records", None):
+                check_output_file(args.records, "--records")
+        {"config": lambda a: print(config.describe(a.sections)),
+         "train": _train, "plot": _plot, "convert": _convert, "example-model": example_models.run,
          "eval": evaluate.run, "bench": bench.run, "generate": sampling.run,
          "label": rlaif.run, "cai": constitutional.run, "pipeline": pipeline.run}[args.command](args)
     except JaxalignError as e:  # user-facing errors: the message, no traceback
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as e:  # the training loop says where the run can be resumed from
+        print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,44 +1,52 @@
-"""`jaxalign pipeline PIPELINE.yaml`: the whole seed pipeline, SFT -> reward model -> PPO and
-SFT -> DPO, then one comparison table and a plot of every stage's training curves.
+"""`jaxalign pipeline PIPELINE.yaml`: the alignment pipeline, SFT -> reward model -> PPO and
+SFT -> DPO (optionally with RLAIF labeling in between and a GRPO stage), then one comparison
+table and a plot of every stage's training curves.
 
-Each stage is an ordinary training run, `jaxalign.train.loop.train(load_config(config,
-overrides))`, with its `output_dir` under the pipeline's and model paths chained:
+Each training stage is an ordinary run, `jaxalign.train.loop.train(load_config(config,
+overrides))`, with its `output_dir` under the pipeline's and model/data paths chained:
 
     sft     output_dir=OUT/sft     (every stage also gets train.export=true: final/ is needed)
-    reward  output_dir=OUT/reward  model.path=OUT/sft/final
-    ppo     output_dir=OUT/ppo     model.path=OUT/sft/final  ppo.reward_model=OUT/reward/final
-    dpo     output_dir=OUT/dpo     model.path=OUT/sft/final
+    label   (optional) OUT/label/{train,eval}.jsonl: candidates sampled from OUT/sft/final,
+            labeled by a scoring function (judge_fn, e.g. a task checker) or a judge model
+            (`jaxalign.algos.rlaif.label`)
+    reward  output_dir=OUT/reward  model.path=OUT/sft/final  [data.train/eval = the label files]
+    ppo     output_dir=OUT/ppo     model.path=OUT/sft/final  ppo.reward_adapter=OUT/reward/adapter
+            (a LoRA reward stage: one shared base) or ppo.reward_model=OUT/reward/final
+    dpo     output_dir=OUT/dpo     model.path=OUT/sft/final  [data.train/eval = the label files]
+    grpo    (optional) output_dir=OUT/grpo  model.path=OUT/sft/final
 
 (the stage's own `overrides` from the pipeline file are applied after these, so they win).
-A stage that already finished resumes from its last checkpoint and only re-exports.
+A stage that already finished resumes from its last checkpoint and only re-exports; a
+label stage whose summary.json records the same settings is not redone.
 
-The table (printed, and written as OUT/table.md and OUT/table.json) compares base (the
-SFT stage's random initialization), SFT, PPO and DPO on the held-out prompts
-(`jaxalign.evaluate.evaluate_models`, the reference being SFT):
+The table (printed, and written as OUT/table.md and OUT/table.json) compares base (the SFT
+stage's starting point: its `model.path`, or the random initialization from
+`model.config`), SFT and every policy stage on held-out prompts
+(`jaxalign.evaluate.evaluate_models`, the reference being SFT): accuracy (the checker's
+mean score of greedy completions), any extra metrics, mean response length, the trained
+reward model's mean score, and KL to SFT (a single-sample estimate of KL(model || SFT) along
+the model's own greedy completion; 0 for SFT itself).
 
-* accuracy: exact match (`jaxalign.data.tasks.check_answer`) of greedy generations;
-* mean reward: the trained reward model's mean score of those greedy completions;
-* KL to SFT: mean over prompts of sum_t [log p_model(y_t | x, y_<t) - log p_sft(y_t | x, y_<t)]
-  over the model's own greedy completion y (EOS included): a single-sample estimate of
-  KL(model || SFT) restricted to the greedy path (0 for SFT itself).
-
-OUT/curves.png has one row per stage (train loss | eval metrics); each stage dir also gets
-its own `curves.png` (`jaxalign.plot.plot_run`).
+OUT/curves.png has one row per training stage (train loss | eval metrics); each stage dir
+also gets its own `curves.png` (`jaxalign.plot.plot_run`).
 
 Pipeline file::
 
     output_dir: runs/quickstart/pipeline
-    stages:                 # all four; config paths are relative to this file
+    stages:                 # sft, reward, ppo, dpo are required; config paths are relative to this file
       sft:    {config: sft.yaml, overrides: [...], steps: 600}   # steps: shorthand for train.steps
+      label:  {judge_fn: jaxalign.data.arithmetic:reward, num_samples: 4, max_rows: 512}   # optional
       reward: {config: reward.yaml}
       ppo:    {config: ppo.yaml}
       dpo:    {config: dpo.yaml}
-    eval: {data: builtin:tiny/eval.jsonl, max_examples: 200, max_new_tokens: 12, batch_size: 100}
+      grpo:   {config: grpo.yaml}                                # optional
+    eval: {task: arithmetic, max_examples: 256}   # or data + checker (+ metrics, chat)
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import difflib
 import json
 import logging
@@ -51,13 +59,17 @@ from jaxalign.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "reward", "ppo", "dpo")
-POLICIES = ("sft", "ppo", "dpo")  # stages whose final/ is a policy evaluated in the table
-COLUMNS = ("accuracy", "mean_reward", "kl_to_sft")
-COLUMN_TITLES = {"accuracy": "held-out accuracy", "mean_reward": "mean reward", "kl_to_sft": "KL to SFT"}
+STAGES = ("sft", "label", "reward", "ppo", "dpo", "grpo")  # in the order they run
+REQUIRED = ("sft", "reward", "ppo", "dpo")
+POLICIES = {"sft": "SFT", "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}  # stages evaluated in the table
+COLUMN_TITLES = {"accuracy": "held-out accuracy", "mean_reward": "mean reward", "kl_to_sft": "KL to SFT",
+                 "mean_length": "mean length"}
 _STAGE_KEYS = ("config", "overrides", "steps")
-_EVAL_DEFAULTS = {"data": "builtin:tiny/eval.jsonl", "split": "train", "max_examples": 200, "max_new_tokens": 12,
-                  "batch_size": 100}
+_LABEL_DEFAULTS = {"judge_fn": None, "judge": None, "judge_template": None, "data": None, "eval_data": None,
+                   "split": "train", "max_rows": 512, "eval_max_rows": 64, "num_samples": 4, "temperature": 1.0,
+                   "max_new_tokens": 32, "batch_size": 16, "seed": 0, "self_judge_rows": 0}
+_EVAL_DEFAULTS = {"task": None, "data": "builtin:tiny/eval.jsonl", "split": "train", "max_examples": 200,
+                  "max_new_tokens": 12, "batch_size": 100, "checker": None, "metrics": None, "chat": None}
 _TOP_KEYS = ("output_dir", "stages", "eval")
 
 
@@ -68,6 +80,36 @@ def _unknown(key, valid, where):
     close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
     hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
     return ConfigError(f"pipeline: unknown key '{where}{key}'{hint}")
+
+
+def _local(path: str, base: str) -> str:
+    """A path relative to the pipeline file's directory when it exists there, else as given."""
+    if not os.path.isabs(path) and os.path.exists(os.path.join(base, path)):
+        return os.path.join(base, path)
+    return path
+
+
+def _label_stage(st, base: str) -> dict:
+    if not isinstance(st, Mapping):
+        raise ConfigError("pipeline: stages.label must be a mapping (judge_fn or judge, num_samples, max_rows, ...)")
+    for key in st:
+        if key not in _LABEL_DEFAULTS:
+            raise _unknown(key, tuple(_LABEL_DEFAULTS), "stages.label.")
+    out = {**_LABEL_DEFAULTS, **st}
+    if (out["judge_fn"] is None) == (out["judge"] is None):
+        raise ConfigError("pipeline: stages.label needs exactly one judge: judge_fn (module:function, e.g. a task "
+                          "checker) or judge (a judge model directory, or 'policy' for the SFT model itself)")
+    if out["self_judge_rows"] and out["judge_fn"] is None:
+        raise ConfigError("pipeline: stages.label.self_judge_rows compares the SFT model as judge with judge_fn; "
+                          "set judge_fn")
+    if out["num_samples"] != 2 and out["judge"] is not None:
+        raise ConfigError("pipeline: stages.label with a judge model compares pairs: set num_samples: 2, or use "
+                          "judge_fn for best-vs-worst of more samples")
+    if out["judge_template"] is not None:
+        out["judge_template"] = _local(str(out["judge_template"]), base)
+        if not os.path.isfile(out["judge_template"]):
+            raise ConfigError(f"pipeline: stages.label.judge_template {st['judge_template']!r} does not exist")
+    return out
 
 
 def load_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> dict:
@@ -93,21 +135,25 @@ def load_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> 
             raise _unknown(key, _TOP_KEYS, "")
     stages = d.get("stages")
     if not isinstance(stages, Mapping):
-        raise ConfigError("pipeline: 'stages' must map each of sft, reward, ppo, dpo to {config, overrides}")
+        raise ConfigError("pipeline: 'stages' must map each of sft, reward, ppo, dpo (and optionally label, grpo) to "
+                          "{config, overrides}")
     for name in stages:
         if name not in STAGES:
             raise _unknown(name, STAGES, "stages.")
     out = {"output_dir": str(d.get("output_dir") or "runs/pipeline"), "stages": {}, "eval": dict(_EVAL_DEFAULTS)}
     for name in STAGES:
         st = stages.get(name)
+        if st is None and name not in REQUIRED:
+            continue
+        if name == "label":
+            out["stages"]["label"] = _label_stage(st, base)
+            continue
         if not isinstance(st, Mapping) or not st.get("config"):
             raise ConfigError(f"pipeline: stages.{name} is missing 'config' (the stage's training YAML)")
         for key in st:
             if key not in _STAGE_KEYS:
                 raise _unknown(key, _STAGE_KEYS, f"stages.{name}.")
-        cfg_path = str(st["config"])
-        if not os.path.isabs(cfg_path) and os.path.exists(os.path.join(base, cfg_path)):
-            cfg_path = os.path.join(base, cfg_path)
+        cfg_path = _local(str(st["config"]), base)
         if not os.path.isfile(cfg_path):
             raise ConfigError(f"pipeline: stages.{name}.config {st['config']!r} does not exist (looked in {base} "
                               "and the working directory)")
@@ -122,20 +168,34 @@ def load_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> 
         if key not in _EVAL_DEFAULTS:
             raise _unknown(key, tuple(_EVAL_DEFAULTS), "eval.")
         out["eval"][key] = value
+    if out["eval"]["task"] is not None and out["eval"]["task"] not in evaluate.TASKS:
+        raise ConfigError(f"pipeline: eval.task {out['eval']['task']!r} unknown; use one of "
+                          f"{', '.join(sorted(evaluate.TASKS))} (or eval.data + eval.checker)")
     return out
 
 
-def stage_overrides(name: str, out_dir: str) -> list[str]:
-    """The chaining overrides of stage `name` (output dirs and model paths)."""
+def label_files(out_dir: str) -> dict:
+    """Where the label stage writes: preference pairs (train, eval), the self-judged pairs, its summary."""
+    d = os.path.join(out_dir, "label")
+    return {"train": os.path.join(d, "train.jsonl"), "eval": os.path.join(d, "eval.jsonl"),
+            "self_judged": os.path.join(d, "self_judged.jsonl"), "summary": os.path.join(d, "summary.json")}
+
+
+def stage_overrides(p: dict, name: str, out_dir: str, reward_lora: bool = False) -> list[str]:
+    """The chaining overrides of training stage `name` (output dirs, model and data paths).
+    `reward_lora`: the reward stage trains adapters, so PPO reads its adapter on the shared base."""
     run = lambda s: os.path.join(out_dir, s)  # noqa: E731
     sft_final = os.path.join(run("sft"), "final")
-    chain = {
-        "sft": [],
-        "reward": [f"model.path={sft_final}"],
-        "ppo": [f"model.path={sft_final}", f"ppo.reward_model={os.path.join(run('reward'), 'final')}",
-                "ppo.reward_fn=null", "ppo.reward_adapter=null"],
-        "dpo": [f"model.path={sft_final}"],
-    }[name]
+    chain = [] if name == "sft" else [f"model.path={sft_final}"]
+    if name == "ppo":
+        reward = (["ppo.reward_adapter=" + os.path.join(run("reward"), "adapter"), "ppo.reward_model=null"]
+                  if reward_lora else
+                  ["ppo.reward_model=" + os.path.join(run("reward"), "final"), "ppo.reward_adapter=null"])
+        chain += [*reward, "ppo.reward_fn=null"]
+    if name in ("reward", "dpo") and "label" in p["stages"]:
+        files = label_files(out_dir)
+        has_eval = p["stages"]["label"]["eval_max_rows"] and _label_sources(p)[1] is not None
+        chain += [f"data.train={files['train']}", f"data.eval={files['eval'] if has_eval else 'null'}"]
     return [f"output_dir={run(name)}", "train.export=true", *chain]
 
 
@@ -143,15 +203,99 @@ def stage_config(p: dict, name: str):
     from jaxalign.config import load_config
 
     st = p["stages"][name]
-    return load_config(st["config"], stage_overrides(name, os.path.abspath(p["output_dir"])) + st["overrides"])
+    out_dir = os.path.abspath(p["output_dir"])
+    reward_lora = False
+    if name == "ppo":
+        reward_lora = stage_config(p, "reward").lora.rank > 0
+    return load_config(st["config"], stage_overrides(p, name, out_dir, reward_lora) + st["overrides"])
+
+
+# ---------------------------------------------------------------------------- the label stage
+
+
+def _label_sources(p: dict) -> tuple[str, str | None]:
+    """The label stage's prompt sources: its own `data` / `eval_data`, else the SFT stage's."""
+    from jaxalign.config import load_config
+
+    st = p["stages"]["label"]
+    if st["data"] is not None and st["eval_data"] is not None:
+        return st["data"], st["eval_data"]
+    sft = load_config(p["stages"]["sft"]["config"], p["stages"]["sft"]["overrides"])
+    return st["data"] or sft.data.train, st["eval_data"] or sft.data.eval
+
+
+def run_label_stage(p: dict, out_dir: str) -> dict:
+    """Sample candidates from OUT/sft/final for the train (and eval) prompts, label them, write
+    the files of :func:`label_files`; optionally measure how far the SFT model, as its own
+    judge, agrees with `judge_fn`. Returns the summary (also OUT/label/summary.json)."""
+    from jaxalign.algos import rlaif
+
+    st = p["stages"]["label"]
+    files = label_files(out_dir)
+    sft_final = os.path.join(out_dir, "sft", "final")
+    train_data, eval_data = _label_sources(p)
+    settings = dict(st)
+    if os.path.exists(files["summary"]):
+        with open(files["summary"]) as f:
+            done = json.load(f)
+        if done.get("settings") == settings and all(os.path.exists(files[k]) for k in done.get("files", [])):
+            log.info("pipeline stage label: already done (%s)", files["summary"])
+            return done
+    judge = None if st["judge"] is None else sft_final if st["judge"] == "policy" else st["judge"]
+    sample = dict(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"], batch_size=st["batch_size"])
+    template = None
+    if st["judge_template"] is not None:
+        with open(st["judge_template"]) as f:
+            template = f.read()
+    judging = dict(settings=rlaif.JudgeSettings(template=template, batch_size=st["batch_size"], seed=st["seed"]))
+    summary: dict = {"settings": settings, "files": ["train"]}
+    summary["train"] = rlaif.label(judge, train_data, files["train"], judge_fn=st["judge_fn"], policy_dir=sft_final,
+                                   num_samples=st["num_samples"], max_rows=st["max_rows"], split=st["split"],
+                                   sample=sample, **judging)
+    if st["eval_max_rows"] and eval_data is not None:
+        judging["settings"] = dataclasses.replace(judging["settings"], seed=st["seed"] + 1)
+        summary["eval"] = rlaif.label(judge, eval_data, files["eval"], judge_fn=st["judge_fn"], policy_dir=sft_final,
+                                      num_samples=st["num_samples"], max_rows=st["eval_max_rows"], split=st["split"],
+                                      sample=sample, **judging)
+        summary["files"].append("eval")
+    if st["self_judge_rows"]:
+        judging["settings"] = dataclasses.replace(judging["settings"], seed=st["seed"] + 2)
+        summary["self_judge"] = rlaif.label(sft_final, train_data, files["self_judged"], agreement_fn=st["judge_fn"],
+                                            policy_dir=sft_final, max_rows=st["self_judge_rows"], split=st["split"],
+                                            sample=sample, **judging)
+        summary["files"].append("self_judged")
+    evaluate.write_text(files["summary"], json.dumps(summary, indent=2, default=str) + "\n")
+    return summary
 
 
 # ---------------------------------------------------------------------------- evaluation
 
 
-def format_table(rows: Sequence[Mapping]) -> str:
-    """Markdown table of the COLUMNS."""
-    return evaluate.format_table(rows, COLUMNS, COLUMN_TITLES)
+def eval_settings(ev: Mapping) -> dict:
+    """The eval section resolved: prompts, checker, metrics and chat from `task` (a bundled task
+    of `jaxalign eval`), each overridable; else `data` + `checker` (default: the tiny task's)."""
+    from jaxalign.algos.constitutional import read_prompts
+
+    task = evaluate.TASKS[ev["task"]] if ev["task"] is not None else None
+    if task is not None:
+        prompts = task.prompts(int(ev["max_examples"]))
+    else:
+        prompts = read_prompts(ev["data"], ev["split"], ev["max_examples"], messages=True)
+    metrics = dict(task.metrics if task else {})
+    metrics.update(ev["metrics"] or {})
+    checker = ev["checker"] or (task.checker if task else evaluate.DEFAULT_CHECKER)
+    chat = ev["chat"] if ev["chat"] is not None else (task.chat if task else False)
+    return {"prompts": prompts, "checker": checker, "metrics": metrics, "chat": chat}
+
+
+def table_columns(metrics: Sequence[str]) -> list[str]:
+    return ["accuracy", *metrics, "mean_length", "mean_reward", "kl_to_sft"]
+
+
+def format_table(rows: Sequence[Mapping], metrics: Sequence[str] = ()) -> str:
+    """Markdown table: accuracy, the extra metrics, mean length, mean reward, KL to SFT."""
+    rates = ["accuracy", *(m for m in metrics if all(r.get(m) is None or 0 <= r[m] <= 1 for r in rows))]
+    return evaluate.format_table(rows, table_columns(metrics), COLUMN_TITLES, percent=rates)
 
 
 # ---------------------------------------------------------------------------- plots
@@ -222,11 +366,10 @@ def plot_stages(run_dirs: Mapping[str, str], out: str) -> str:
 
 
 def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> dict:
-    """Train every stage, evaluate, write OUT/table.md, OUT/table.json and OUT/curves.png.
+    """Run every stage, evaluate, write OUT/table.md, OUT/table.json and OUT/curves.png.
     Returns {"rows": [...], "table": markdown, "stages": {...}, "files": {...}, "seconds": ...}."""
     import jax
 
-    from jaxalign.algos.constitutional import read_prompts
     from jaxalign.data import load_tokenizer
     from jaxalign.models import load_model
     from jaxalign.plot import plot_run
@@ -235,14 +378,25 @@ def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> d
     t_start = time.time()
     p = load_pipeline(path, overrides)
     out_dir = os.path.abspath(p["output_dir"])
+    training = [n for n in p["stages"] if n != "label"]
+    configs = {name: stage_config(p, name) for name in training}  # validate every stage before running any
+    ev = p["eval"]
+    for fn in [ev["checker"], *(ev["metrics"] or {}).values(), p["stages"].get("label", {}).get("judge_fn")]:
+        if isinstance(fn, str):
+            evaluate.resolve(fn, "pipeline function")  # a bad module:function fails before any training
     os.makedirs(out_dir, exist_ok=True)
-    configs = {name: stage_config(p, name) for name in STAGES}  # validate every stage before training any
     stages = {}
-    for name in STAGES:
+    for name in p["stages"]:
+        t0 = time.time()
+        if name == "label":
+            log.info("pipeline stage label: sampling and labeling preference pairs from %s", out_dir)
+            summary = run_label_stage(p, out_dir)
+            stages[name] = {"output_dir": os.path.join(out_dir, "label"), "seconds": round(time.time() - t0, 1),
+                            "summary": {k: v for k, v in summary.items() if k != "settings"}}
+            continue
         cfg = configs[name]
         log.info("pipeline stage %s: %s (%d steps) -> %s", name, p["stages"][name]["config"], cfg.train.steps,
                  cfg.output_dir)
-        t0 = time.time()
         metrics = train(cfg)
         stages[name] = {"output_dir": cfg.output_dir, "algorithm": cfg.algorithm, "steps": cfg.train.steps,
                         "seconds": round(time.time() - t0, 1),
@@ -252,28 +406,31 @@ def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> d
         except Exception as e:  # noqa: BLE001 - a missing plot must not lose a trained pipeline
             log.warning("could not plot %s: %s", cfg.output_dir, e)
     t_eval = time.time()
-    ev = p["eval"]
-    prompts = read_prompts(ev["data"], ev["split"], ev["max_examples"])
-    final = {name: os.path.join(out_dir, name, "final") for name in STAGES}
+    settings = eval_settings(ev)
+    prompts = settings["prompts"]
+    final = {name: os.path.join(out_dir, name, "final") for name in training}
     tokenizer = load_tokenizer(final["sft"])
     sft_model = load_model(final["sft"])
-    base_cfg = configs["sft"]
-    base = build_model(base_cfg, None)  # the SFT stage's starting point (random init from model.config)
-    models = {"base": base, "SFT": sft_model, "PPO": load_model(final["ppo"]), "DPO": load_model(final["dpo"])}
-    rows = evaluate.evaluate_models(models, tokenizer, prompts, checker=evaluate.DEFAULT_CHECKER,
-                                    reward_model=final["reward"], reference=sft_model, reference_name="sft",
+    models = {"base": build_model(configs["sft"], None), "SFT": sft_model}  # base: where the SFT stage started
+    models.update({POLICIES[n]: load_model(final[n]) for n in training if n in POLICIES and n != "sft"})
+    rows = evaluate.evaluate_models(models, tokenizer, prompts, checker=settings["checker"],
+                                    metrics=settings["metrics"], reward_model=final["reward"], reference=sft_model,
+                                    reference_name="sft", chat=settings["chat"],
                                     max_new_tokens=int(ev["max_new_tokens"]), batch_size=int(ev["batch_size"]))
     eval_seconds = round(time.time() - t_eval, 1)
-    table = format_table(rows)
+    table = format_table(rows, list(settings["metrics"]))
     files = {"table_md": os.path.join(out_dir, "table.md"), "table_json": os.path.join(out_dir, "table.json"),
              "plot": os.path.join(out_dir, "curves.png")}
-    plot_stages({name: os.path.join(out_dir, name) for name in STAGES}, files["plot"])
-    result = {"rows": rows, "columns": list(COLUMNS), "table": table, "stages": stages,
-              "eval": {**ev, "prompts": len(prompts), "seconds": eval_seconds}, "files": files,
-              "seconds": round(time.time() - t_start, 1), "devices": str(jax.devices()[0].platform)}
+    plot_stages({name: os.path.join(out_dir, name) for name in training}, files["plot"])
+    eval_info = {**ev, "checker": settings["checker"], "metrics": settings["metrics"],
+                 "prompts": len(prompts), "seconds": eval_seconds}
+    result = {"rows": rows, "columns": table_columns(list(settings["metrics"])), "table": table, "stages": stages,
+              "eval": eval_info, "files": files, "seconds": round(time.time() - t_start, 1),
+              "devices": str(jax.devices()[0].platform)}
+    source = f"the {ev['task']} task" if ev["task"] else ev["data"]
     evaluate.write_text(files["table_md"], f"# jaxalign pipeline: {out_dir}\n\n{table}\n\n"
-                        f"Held-out prompts: {len(prompts)} from {ev['data']}; greedy decoding, max "
-                        f"{ev['max_new_tokens']} new tokens. Stage times (s): "
+                        f"Held-out prompts: {len(prompts)} from {source}, checker {settings['checker']}; greedy "
+                        f"decoding, max {ev['max_new_tokens']} new tokens. Stage times (s): "
                         + ", ".join(f"{n} {s['seconds']}" for n, s in stages.items())
                         + f", eval {eval_seconds}; total {result['seconds']}.\n")
     evaluate.write_text(files["table_json"], json.dumps(result, indent=2, default=str) + "\n")
@@ -281,8 +438,9 @@ def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> d
 
 
 def add_arguments(parser) -> None:
-    parser.description = ("Run SFT -> reward model -> PPO and SFT -> DPO on the embedded task, then print and write a "
-                          "table (held-out accuracy, mean reward, KL to SFT for base/SFT/PPO/DPO) and a plot.")
+    parser.description = ("Run SFT -> reward model -> PPO and SFT -> DPO (optionally RLAIF labeling and GRPO), then "
+                          "print and write a table (held-out accuracy, metrics, mean reward, KL to SFT per model) "
+                          "and a plot.")
     parser.add_argument("config", help="pipeline YAML (e.g. configs/quickstart/pipeline.yaml)")
     parser.add_argument("overrides", nargs="*",
                         help="overrides like output_dir=runs/p stages.ppo.steps=20 'stages.sft.overrides=[train.steps=50]'")
@@ -297,5 +455,5 @@ def run(args) -> dict:
     return result
 
 
-__all__ = ["COLUMNS", "STAGES", "format_table", "load_pipeline", "plot_stages", "run_pipeline",
-           "stage_overrides"]
+__all__ = ["POLICIES", "REQUIRED", "STAGES", "eval_settings", "format_table", "label_files", "load_pipeline",
+           "plot_stages", "run_label_stage", "run_pipeline", "stage_overrides", "table_columns"]

@@ -10,8 +10,9 @@ from jaxalign.train.metrics import read_metrics
 _SKIP = {"step", "steps_per_second"}
 
 
-def plot_run(run_dir: str, out: str | None = None) -> str:
-    """Write one panel per metric (train and eval/) to `out` (default RUN_DIR/curves.png)."""
+def plot_run(run_dir: str, out: str | None = None, metrics: list[str] | None = None) -> str:
+    """Write one panel per metric (train and eval/) to `out` (default RUN_DIR/curves.png);
+    `metrics`: only these, in this order (an unknown name is an error listing the logged ones)."""
     try:
         import matplotlib
 
@@ -33,6 +34,11 @@ def plot_run(run_dir: str, out: str | None = None) -> str:
     if not series:
         raise JaxalignError(f"{run_dir}/metrics.jsonl has no numeric metrics yet")
     names = sorted(series, key=lambda k: (k.startswith("eval/"), k))
+    if metrics:
+        missing = [m for m in metrics if m not in series]
+        if missing:
+            raise JaxalignError(f"{run_dir}/metrics.jsonl has no {', '.join(missing)}; logged: {', '.join(names)}")
+        names = list(metrics)
     cols = min(3, len(names))
     rows = (len(names) + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False)
