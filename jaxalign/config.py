@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
+import json
 import os
+import re
 import types
 import typing
 from typing import Any
@@ -18,57 +21,54 @@ import yaml
 
 from jaxalign.errors import ConfigError
 from jaxalign.parallel.mesh import MeshConfig
+from jaxalign.paths import inside
 
 
 @dataclasses.dataclass
 class ModelSection:
-    """Where the model comes from and how it computes.
+    """Where the model comes from and how it computes."""
 
-    path: HF checkpoint dir (config.json + safetensors). config: a config.json to
-    initialize from scratch instead (random weights). tokenizer: defaults to path.
-    """
-
-    path: str | None = None
-    config: str | None = None
-    tokenizer: str | None = None
-    dtype: str = "float32"
-    compute_dtype: str = "float32"
-    remat: str = "none"
-    attention_impl: str | None = None
-    seed: int = 0
+    path: str | None = None  # HF model directory (config.json + *.safetensors), a .gguf file, builtin: or example:NAME
+    config: str | None = None  # a config.json (or its directory) to initialize random weights from, instead of path
+    tokenizer: str | None = None  # tokenizer directory (default: path, else config's directory)
+    dtype: str = "float32"  # dtype the params are kept in: float32, bfloat16, float16
+    compute_dtype: str = "float32"  # activation dtype of the forward pass
+    remat: str = "none"  # per-layer rematerialization (recompute activations in the backward pass)
+    attention_impl: str | None = None  # attention kernel (null: chosen per platform)
+    seed: int = 0  # seed of random initialization (model.config) and of new heads / LoRA adapters
 
 
 @dataclasses.dataclass
 class DataSection:
     """Datasets (hub name, local json/jsonl/parquet, or builtin:) and how to tokenize them."""
 
-    train: str | None = None
-    eval: str | None = None
-    train_split: str = "train"
-    eval_split: str = "train"
-    eval_fraction: float = 0.0
-    max_length: int = 512
-    truncation: str = "truncate"
-    packing: bool = False
-    buckets: list[int] | None = None
-    completion_only_loss: bool = True
-    max_eval_examples: int | None = 512
-    on_bad_row: str = "drop"
+    train: str | None = None  # Hub dataset name, local .json/.jsonl/.parquet file or directory, or builtin:
+    eval: str | None = None  # held-out data in the same forms (null: no data eval)
+    train_split: str = "train"  # split of a Hub dataset (or of a directory) used for training
+    eval_split: str = "train"  # split used for eval
+    eval_fraction: float = 0.0  # not used yet (give data.eval instead)
+    max_length: int = 512  # longest example in tokens (prompt + response)
+    truncation: str = "truncate"  # examples longer than max_length: cut to it (truncate) or left out (drop)
+    packing: bool = False  # pack several SFT examples into one row (segment ids keep them apart)
+    buckets: list[int] | None = None  # row lengths batches are padded to (null: powers of two up to max_length)
+    completion_only_loss: bool = True  # loss on the completion / assistant turns only (false: every token)
+    max_eval_examples: int | None = 512  # eval on at most this many examples (null: all)
+    on_bad_row: str = "drop"  # unusable rows (missing field, wrong type): drop and count them, or error
 
 
 @dataclasses.dataclass
 class OptimSection:
     """AdamW with warmup then cosine/linear/constant decay, global-norm clipping."""
 
-    learning_rate: float = 1e-4
-    schedule: str = "cosine"
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.0
-    weight_decay: float = 0.0
-    b1: float = 0.9
-    b2: float = 0.999
-    eps: float = 1e-8
-    max_grad_norm: float | None = 1.0
+    learning_rate: float = 1e-4  # peak learning rate, reached after warmup (>= 0)
+    schedule: str = "cosine"  # decay after warmup
+    warmup_steps: int = 0  # linear warmup from 0 over this many steps (>= 0)
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of the peak, in [0, 1]
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    b1: float = 0.9  # Adam first-moment decay
+    b2: float = 0.999  # Adam second-moment decay
+    eps: float = 1e-8  # Adam epsilon
+    max_grad_norm: float | None = 1.0  # clip gradients to this global norm (null: no clipping)
 
 
 @dataclasses.dataclass
@@ -81,19 +81,19 @@ class TrainSection:
     steps (the update is not applied); max_skipped_steps: with "skip", the run stops with an
     error once more steps than this were skipped (null: 10% of train.steps, at least 1)."""
 
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    seed: int = 0
-    log_every: int = 10
-    eval_every: int | None = None
-    save_every: int | None = None
-    keep_checkpoints: int = 3
-    async_checkpoints: bool = True
-    on_nonfinite: str = "stop"
-    max_skipped_steps: int | None = None
-    logprob_chunk: int | None = None
-    export: bool = True
+    steps: int = 100  # optimizer steps of the run
+    batch_size: int = 8  # global batch size (rows per optimizer step, all processes)
+    grad_accum: int = 1  # micro-batches per step (batch_size must be divisible by it)
+    seed: int = 0  # seed of data order, dropout and sampling
+    log_every: int = 10  # log metrics every N steps
+    eval_every: int | None = None  # evaluate every N steps (null: at the start and the end only)
+    save_every: int | None = None  # checkpoint every N steps (null: at the end only)
+    keep_checkpoints: int = 3  # keep the newest N checkpoints
+    async_checkpoints: bool = True  # write checkpoints in the background while training continues
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: stop, or skip the step
+    max_skipped_steps: int | None = None  # with skip: stop after more skipped steps (null: 10% of steps)
+    logprob_chunk: int | None = None  # sequence positions per LM-head chunk (null: automatic)
+    export: bool = True  # write OUTPUT_DIR/final (HF format), with LoRA also OUTPUT_DIR/adapter
 
 
 @dataclasses.dataclass
@@ -106,28 +106,29 @@ class DistributedSection:
     JAXALIGN_COORDINATOR / JAXALIGN_NUM_PROCESSES / JAXALIGN_PROCESS_ID fill what is unset.
     """
 
-    coordinator_address: str | None = None
-    num_processes: int | None = None
-    process_id: int | None = None
-    local_device_ids: list[int] | None = None
-    initialization_timeout: int = 300
-    auto_detect: bool = True
+    coordinator_address: str | None = None  # HOST:PORT of process 0
+    num_processes: int | None = None  # number of processes in the job
+    process_id: int | None = None  # this process's index
+    local_device_ids: list[int] | None = None  # devices this process uses (null: all visible)
+    initialization_timeout: int = 300  # seconds to wait for all processes to join
+    auto_detect: bool = True  # detect TPU pods, SLURM and Open MPI jobs when nothing is set
 
 
 @dataclasses.dataclass
 class LoraSection:
-    rank: int = 0
-    alpha: float = 16.0
-    targets: list[str] | str = dataclasses.field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    dropout: float = 0.0
-    use_rslora: bool = False
+    rank: int = 0  # LoRA rank (0: no LoRA, train every weight)
+    alpha: float = 16.0  # adapters are scaled by alpha / rank (alpha / sqrt(rank) with rsLoRA)
+    targets: list[str] | str = dataclasses.field(  # names (or one regex) of the weights that get adapters
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    dropout: float = 0.0  # dropout on the adapters' input
+    use_rslora: bool = False  # rank-stabilized scaling alpha / sqrt(rank)
 
 
 @dataclasses.dataclass
 class QuantizationSection:
-    method: str | None = None
-    block_size: int | None = None
-    double_quant: bool = False
+    method: str | None = None  # quantize the frozen base weights (needs lora.rank > 0: QLoRA); null: none
+    block_size: int | None = None  # values per quantization scale (null: the method's default)
+    double_quant: bool = False  # quantize the scales too (QLoRA's double quantization)
 
 
 @dataclasses.dataclass
@@ -141,37 +142,37 @@ class PPOSection:
     (prompts, completions) -> scores). See docs/rl.md.
     """
 
-    reward_model: str | None = None
-    reward_adapter: str | None = None
-    reward_fn: str | None = None
-    value_model: str = "auto"
-    group_size: int = 1
-    num_minibatches: int = 4
-    ppo_epochs: int = 4
-    response_length: int = 53
-    max_prompt_length: int = 128
-    prompt_truncation: str = "left"
-    temperature: float = 0.7
-    top_k: int = 0
-    top_p: float = 1.0
-    kl_coef: float = 0.05
-    kl_estimator: str = "k1"
-    adaptive_kl: bool = False
-    target_kl: float = 6.0
-    kl_horizon: int = 10000
-    beta: float = 0.0
-    cliprange: float = 0.2
-    cliprange_value: float = 0.2
-    vf_coef: float = 0.1
-    gamma: float = 1.0
-    lam: float = 0.95
-    whiten_scores: bool = False
-    whiten_rewards: bool = False
-    whiten_advantages: bool = True
-    scale_rewards: bool = True
-    missing_eos_penalty: float | None = None
-    eval_temperature: float = 0.0
-    eval_reward_fn: str | None = None
+    reward_model: str | None = None  # HF *ForSequenceClassification directory scoring responses
+    reward_adapter: str | None = None  # a reward model saved as a LoRA adapter + score head of the policy's base
+    reward_fn: str | None = None  # module:function called with (prompts, completions) -> scores
+    value_model: str = "auto"  # critic initialized from the policy or the reward model (auto: the reward model if any)
+    group_size: int = 1  # samples per prompt (GRPO / RLOO groups)
+    num_minibatches: int = 4  # minibatches (optimizer steps) per rollout per epoch
+    ppo_epochs: int = 4  # passes over each rollout
+    response_length: int = 53  # tokens sampled per response
+    max_prompt_length: int = 128  # prompt tokens kept
+    prompt_truncation: str = "left"  # longer prompts: keep their end (left) or skip them
+    temperature: float = 0.7  # sampling temperature of rollouts
+    top_k: int = 0  # sample from the k most likely tokens (0: all)
+    top_p: float = 1.0  # nucleus sampling threshold (1: off)
+    kl_coef: float = 0.05  # per-token KL penalty to the reference in the reward
+    kl_estimator: str = "k1"  # per-token KL estimator
+    adaptive_kl: bool = False  # adapt kl_coef toward target_kl (Ziegler et al.)
+    target_kl: float = 6.0  # KL the adaptive controller aims at
+    kl_horizon: int = 10000  # horizon of the adaptive KL controller
+    beta: float = 0.0  # GRPO/RLOO: KL-to-reference term in the loss (0: none)
+    cliprange: float = 0.2  # policy ratio clip
+    cliprange_value: float = 0.2  # value prediction clip
+    vf_coef: float = 0.1  # value loss weight
+    gamma: float = 1.0  # discount
+    lam: float = 0.95  # GAE lambda
+    whiten_scores: bool = False  # whiten sequence scores over the rollout
+    whiten_rewards: bool = False  # whiten per-token rewards before GAE
+    whiten_advantages: bool = True  # whiten advantages
+    scale_rewards: bool = True  # GRPO: divide group-centered scores by the group's std
+    missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS (null: none)
+    eval_temperature: float = 0.0  # sampling temperature of eval responses (0: greedy)
+    eval_reward_fn: str | None = None  # module:function scoring eval responses, logged beside the learned reward
 
 
 @dataclasses.dataclass
@@ -184,9 +185,9 @@ class RewardSection:
     max_prompt_length: prompts are cut from the left to this many tokens (None: no cut).
     """
 
-    center_rewards_coefficient: float = 0.0
-    head_init_std: float | None = None
-    max_prompt_length: int | None = None
+    center_rewards_coefficient: float = 0.0  # weight of the (r_chosen + r_rejected)^2 centering term
+    head_init_std: float | None = None  # std of a fresh score head (null: 1/sqrt(hidden_size + 1))
+    max_prompt_length: int | None = None  # prompts cut from the left to this many tokens (null: no cut)
 
 
 @dataclasses.dataclass
@@ -203,22 +204,22 @@ class DPOSection:
     to this many tokens (None: no cut).
     """
 
-    beta: float = 0.1
-    loss_type: str = "sigmoid"
-    label_smoothing: float = 0.0
-    simpo_gamma: float = 0.5
-    discopop_tau: float = 0.05
-    reference: str = "auto"
-    precompute_ref_logps: bool = False
-    max_prompt_length: int | None = None
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    loss_type: str = "sigmoid"  # the DPO-family loss
+    label_smoothing: float = 0.0  # assumed fraction of flipped labels (cDPO / robust)
+    simpo_gamma: float = 0.5  # SimPO's target margin
+    discopop_tau: float = 0.05  # DiscoPOP's temperature
+    reference: str = "auto"  # where reference log-probs come from (see above)
+    precompute_ref_logps: bool = False  # same as reference: precomputed
+    max_prompt_length: int | None = None  # prompts cut from the left to this many tokens (null: no cut)
 
 
 @dataclasses.dataclass
 class Config:
     """A whole run. `algorithm` picks the objective (sft, reward, dpo, ppo, ...)."""
 
-    algorithm: str = "sft"
-    output_dir: str = "runs/default"
+    algorithm: str = "sft"  # the objective: sft, reward, dpo, ppo, grpo, rloo
+    output_dir: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, config.yaml, final/
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
     optim: OptimSection = dataclasses.field(default_factory=OptimSection)
@@ -231,6 +232,8 @@ class Config:
     reward: RewardSection = dataclasses.field(default_factory=RewardSection)
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
 
+
+SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
 
 _CHOICES = {
     "data.truncation": ("truncate", "drop"),
@@ -258,7 +261,11 @@ def builtin_path(path: str | None) -> str | None:
         return fetch(path[len("example:"):])
     if path is None or not isinstance(path, str) or not path.startswith("builtin:"):
         return path
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", path[len("builtin:"):])
+    resolved = inside(os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets"), path[len("builtin:"):])
+    if resolved is None:
+        raise ConfigError(f"{path!r} points outside the bundled assets; a builtin: path is a relative name under "
+                          "jaxalign/assets without '..', e.g. builtin:tiny/train.jsonl")
+    return resolved
 
 
 def _suggest(key: str, valid: list[str], where: str) -> str:
@@ -352,8 +359,27 @@ def _validate(cfg: Config) -> None:
         raise ConfigError("train.steps, train.batch_size and train.grad_accum must be positive")
     if t.max_skipped_steps is not None and t.max_skipped_steps < 0:
         raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 0 (null: 10% of train.steps)")
+    o = cfg.optim
+    if o.learning_rate < 0:
+        raise ConfigError(f"optim.learning_rate={o.learning_rate} must be >= 0 (a negative rate climbs the loss)")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio={o.min_lr_ratio} must be in [0, 1] (the final rate as a fraction "
+                          "of optim.learning_rate)")
+    if o.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
     if cfg.model.path is None and cfg.model.config is None:
         raise ConfigError("set model.path (an HF checkpoint dir) or model.config (a config.json to init from scratch)")
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML parse error on one line: 'line L, column C: what is wrong' (after where the
+    enclosing construct started, when YAML says so)."""
+    parts = []
+    for what, mark in ((getattr(e, "context", None), getattr(e, "context_mark", None)),
+                       (getattr(e, "problem", None), getattr(e, "problem_mark", None))):
+        if what:
+            parts.append((f"line {mark.line + 1}, column {mark.column + 1}: " if mark else "") + what)
+    return " ".join("; ".join(parts or [str(e)]).split())
 
 
 def apply_overrides(d: dict, overrides: list[str]) -> dict:
@@ -362,7 +388,11 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise ConfigError(f"override {item!r} must look like key.sub=value")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else None
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override {item!r}: the value is not valid YAML ({_yaml_problem(e)}); "
+                              "fix it, or quote it to pass a string") from None
         node = d
         parts = key.strip().split(".")
         for part in parts[:-1]:
@@ -380,13 +410,52 @@ def load_config(path: str | None = None, overrides: list[str] | None = None) -> 
         if not os.path.exists(path):
             raise ConfigError(f"config file {path!r} does not exist")
         with open(path) as f:
-            d = yaml.safe_load(f) or {}
+            try:
+                d = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{path} is not valid YAML: {_yaml_problem(e)}") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     apply_overrides(d, overrides or [])
     cfg = from_dict(Config, d)
     _validate(cfg)
     return cfg
+
+
+def _field_notes(cls) -> dict[str, str]:
+    """{field: the `# comment` after it} in the source of dataclass `cls`."""
+    found = (re.match(r"\s+(\w+): [^#]*#\s*(.*)", line) for line in inspect.getsource(cls).splitlines())
+    return {m.group(1): m.group(2) for m in found if m}
+
+
+def _describe_fields(cls, where: str) -> list[str]:
+    notes, lines = _field_notes(cls), []
+    for f in dataclasses.fields(cls):
+        key = f"{where}.{f.name}" if where else f.name
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            continue
+        choices = _CHOICES.get(key)
+        note = notes.get(f.name, "")
+        if choices:
+            note += f" (one of: {', '.join(json.dumps(c) for c in choices)})"
+        lines.append(f"  {key} = {json.dumps(default)}" + (f"  # {note.strip()}" if note else ""))
+    return lines
+
+
+def describe(sections: list[str] | None = None) -> str:
+    """Every config key with its default and meaning, section by section (`jaxalign config show`)."""
+    valid = ["top-level"] + SECTIONS
+    for name in sections or []:
+        if name not in valid:
+            raise ConfigError(f"unknown config section '{name}'{_suggest(name, valid, '')}")
+    out = []
+    for name in sections or valid:
+        cls = Config if name == "top-level" else type(getattr(Config(), name))
+        doc = inspect.cleandoc(cls.__doc__ or "")
+        out += [f"{name}:"] + [f"  {line}".rstrip() for line in doc.splitlines()] + [""]
+        out += _describe_fields(cls, "" if cls is Config else name) + [""]
+    return "\n".join(out).rstrip()
 
 
 def to_dict(cfg: Config) -> dict:

@@ -31,3 +31,7 @@ class CheckpointMismatchError(CheckpointError):
 
 class NonFiniteLossError(JaxalignError, FloatingPointError):
     """Training produced a NaN/inf loss or gradient (or skipped more such steps than allowed)."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a training run; the message says where it can be resumed from."""

@@ -113,8 +113,8 @@ def load_preference_examples(cfg, tokenizer, which: str, max_prompt_length: int 
     if stats.dropped:
         log.warning("%s data %s: dropped %d of %d rows %s", which, source, stats.dropped, stats.rows, stats.drop_reasons)
     if not pairs:
-        raise DataError(f"no usable preference pairs in {source} ({stats.rows} rows, dropped: {stats.drop_reasons}); "
-                        "check the columns and data.max_length")
+        raise DataError(f"no usable preference pairs in {source}: every row was dropped ({stats.rows} rows; "
+                        f"{stats.drops()}); fix the rows, or check data.max_length")
     return pairs, stats
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from jaxalign.algos.logprobs import shifted_targets_mask, token_logprobs
+from jaxalign.errors import DataError
 
 
 def sft_sums(params, config, batch: dict, chunk_size: int | None = None) -> dict:
@@ -36,8 +37,13 @@ def load_sft_examples(cfg, tokenizer, which: str):
     rows = configured_rows(d, which)
     if rows is None:
         return None, None
-    return tokenize_sft(rows, tokenizer, max_length=d.max_length, truncation=d.truncation,
-                        completion_only=d.completion_only_loss, on_bad_row=d.on_bad_row)
+    examples, stats = tokenize_sft(rows, tokenizer, max_length=d.max_length, truncation=d.truncation,
+                                   completion_only=d.completion_only_loss, on_bad_row=d.on_bad_row)
+    if not examples:
+        source = d.train if which == "train" else d.eval
+        raise DataError(f"every row of data.{which} {source} was dropped ({stats.rows} rows; {stats.drops()}); "
+                        "fix the rows, or check data.max_length")
+    return examples, stats
 
 
 def data_parallel_size(mesh) -> int:

@@ -98,7 +98,7 @@ class DataStats:
 
     ``rows``: rows read; ``examples``: examples (or pairs) produced; ``truncated``: produced
     examples that were cut to ``max_length``; ``dropped``: rows not produced, by reason in
-    ``drop_reasons``; ``format``: the format used.
+    ``drop_reasons``, with the first such row's problem in ``first_drops``; ``format``: the format used.
     """
 
     format: str = ""
@@ -107,10 +107,18 @@ class DataStats:
     truncated: int = 0
     dropped: int = 0
     drop_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
+    first_drops: dict[str, str] = dataclasses.field(default_factory=dict)
 
-    def drop(self, reason: str) -> None:
+    def drop(self, reason: str, detail: str = "") -> None:
         self.dropped += 1
         self.drop_reasons[reason] = self.drop_reasons.get(reason, 0) + 1
+        if detail:
+            self.first_drops.setdefault(reason, detail)
+
+    def drops(self) -> str:
+        """One line: ``reason: count (first: row i: problem)`` per drop reason."""
+        return "; ".join(f"{r}: {n}" + (f" (first: {self.first_drops[r]})" if r in self.first_drops else "")
+                         for r, n in self.drop_reasons.items())
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -329,6 +337,14 @@ def _str(row: Mapping, key: str, allow_empty: bool = True) -> str:
     return value
 
 
+def _text_or_messages(row: Mapping, key: str):
+    value = _get(row, key)
+    if not isinstance(value, (str, list, tuple)):
+        raise BadRow("bad_type", f"field {key!r} must be a string or a list of {{role, content}} messages, "
+                                 f"got {type(value).__name__} {value!r:.40}")
+    return value
+
+
 def _alpaca_prompt(row: Mapping) -> tuple[str, str]:
     instruction = _str(row, "instruction")
     inp = row.get("input") or ""
@@ -355,7 +371,7 @@ def sft_pieces(row: Mapping, fmt: str, tokenizer, completion_only: bool = True):
             row = {"prompt": template.format(instruction=instruction, input=inp), "completion": output}
         fmt = "prompt_completion"
     if fmt == "prompt_completion":
-        prompt, completion = _get(row, "prompt"), _get(row, "completion")
+        prompt, completion = _text_or_messages(row, "prompt"), _text_or_messages(row, "completion")
         if isinstance(prompt, str) and isinstance(completion, str):
             if not completion.strip():
                 raise BadRow("empty_response", "field 'completion' is empty")
@@ -428,7 +444,7 @@ def tokenize_sft(
         except BadRow as e:
             if on_bad_row == "error" and e.reason not in _TRUNCATION_REASONS:
                 raise DataError(f"row {i}: {e} (format {fmt}); fix the row or pass on_bad_row='drop'") from e
-            stats.drop(e.reason)
+            stats.drop(e.reason, f"row {i}: {e}")
             continue
         examples.append({"input_ids": ids, "loss_mask": mask})
         stats.examples += 1
@@ -468,9 +484,9 @@ def split_implicit_messages(chosen: list[dict], rejected: list[dict]):
 
 def _pair_parts(row: Mapping, fmt: str):
     """``(prompt, chosen, rejected, conversational)`` with responses split off the prompt."""
-    chosen, rejected = _get(row, "chosen"), _get(row, "rejected")
+    chosen, rejected = _text_or_messages(row, "chosen"), _text_or_messages(row, "rejected")
     if fmt == "preference":
-        prompt = _get(row, "prompt")
+        prompt = _text_or_messages(row, "prompt")
         conv = any(isinstance(x, (list, tuple)) for x in (prompt, chosen, rejected))
         if conv:
             prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
@@ -581,7 +597,7 @@ def tokenize_preference(
         except BadRow as e:
             if on_bad_row == "error" and e.reason not in _TRUNCATION_REASONS:
                 raise DataError(f"row {i}: {e} (format {fmt}); fix the row or pass on_bad_row='drop'") from e
-            stats.drop(e.reason)
+            stats.drop(e.reason, f"row {i}: {e}")
             continue
         pairs.append({"prompt_ids": prompt_ids, "chosen_ids": c_ids, "rejected_ids": r_ids, "margin": margin})
         stats.examples += 1

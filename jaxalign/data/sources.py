@@ -7,7 +7,11 @@ iterate as ``dict`` rows and work with :func:`column_names` and the format adapt
 
 from __future__ import annotations
 
+import contextlib
 import glob
+import gzip
+import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -45,12 +49,67 @@ def _expand(files: Sequence[str]) -> list[str]:
     return out
 
 
+def _json_problem(path: str) -> str | None:
+    """What makes a local .json/.jsonl(.gz) file unreadable as rows: empty, or the first line
+    (or, for a JSON array, the position) that is not JSON; None if it parses."""
+    with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+        text = f.read()
+    if not text.strip():
+        return f"data file {path!r} is empty: it has no rows"
+    if ".jsonl" not in path or text.lstrip().startswith("["):  # one JSON document (an array of rows)
+        try:
+            json.loads(text)
+            return None
+        except json.JSONDecodeError as e:
+            if text.lstrip().startswith("["):
+                return f"data file {path!r} is not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+    for i, line in enumerate(text.splitlines()):  # JSON Lines: one object per line
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            return f"data file {path!r} line {i + 1} is not JSON ({e.msg} at column {e.colno}): {line.strip()[:60]!r}"
+        if not isinstance(row, dict):
+            return f"data file {path!r} line {i + 1} is a JSON {type(row).__name__}, not an object (one row per line)"
+    return None
+
+
 def _looks_like_path(source: str) -> bool:
     return (
         source.lower().endswith(_SUFFIXES)
         or source.startswith((".", "/", "~"))
         or os.path.exists(os.path.expanduser(source))
     )
+
+
+@contextlib.contextmanager
+def _json_loader_quiet():
+    """Silences the error log of datasets' JSON loader: `load_rows` reports the failure, naming the line."""
+    logger = logging.getLogger("datasets.packaged_modules.json.json")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _load_error(e: Exception, what: str, split: str, local: list[str]) -> DataError:
+    """The DataError for `datasets.load_dataset` failing with `e`: a local JSON file's own
+    problem (empty, a line that is not JSON) first, else the loader's message with a hint."""
+    problem = next((p for f in local if _builder_for(f) == "json" and (p := _json_problem(f))), None)
+    if problem is not None:
+        return DataError(f"{problem}; fix the file")
+    if isinstance(e, (ValueError, KeyError)):
+        if "split" in str(e).lower():
+            return DataError(f"dataset {what} has no split {split!r}: {e}")
+        return DataError(f"cannot load dataset {what}: {e}")
+    hint = (
+        "if it is a local file, check the path and extension (.json, .jsonl, .parquet); "
+        "if it is a Hub dataset, check the name and that the Hub is reachable (or set HF_DATASETS_OFFLINE=1 with a cached copy)"
+    )
+    return DataError(f"cannot load dataset {what}: {type(e).__name__}: {e}; {hint}")
 
 
 def load_rows(
@@ -81,15 +140,18 @@ def load_rows(
     import datasets
 
     what = repr(source)
+    local: list[str] = []  # local files, checked when loading fails
     if data_files is not None:
         if isinstance(data_files, Mapping):
             files = {k: _expand([v] if isinstance(v, str) else v) for k, v in data_files.items()}
             first = next(iter(files.values()))[0]
             ds_split = split
+            local = [f for fs in files.values() for f in fs]
         else:
             files = _expand([data_files] if isinstance(data_files, str) else list(data_files))
             first = files[0]
             ds_split = "train"
+            local = files
         builder = source if source in ("json", "parquet") else _builder_for(first)
         what = f"{source!r} with data_files={data_files!r}"
         kwargs: dict[str, Any] = dict(path=builder, data_files=files, split=ds_split)
@@ -98,25 +160,18 @@ def load_rows(
         if os.path.isdir(path):
             kwargs = dict(path=path, split=split)
         else:
-            files = _expand([path])
-            kwargs = dict(path=_builder_for(files[0]), data_files=files, split="train")
+            local = _expand([path])
+            kwargs = dict(path=_builder_for(local[0]), data_files=local, split="train")
     else:
         kwargs = dict(path=source, split=split)
 
     try:
-        ds = datasets.load_dataset(**kwargs)
+        with _json_loader_quiet():
+            ds = datasets.load_dataset(**kwargs)
     except DataError:
         raise
-    except (ValueError, KeyError) as e:
-        if "split" in str(e).lower():
-            raise DataError(f"dataset {what} has no split {split!r}: {e}") from e
-        raise DataError(f"cannot load dataset {what}: {e}") from e
     except Exception as e:  # noqa: BLE001 - network, missing dataset, bad file: all re-raised with context
-        hint = (
-            "if it is a local file, check the path and extension (.json, .jsonl, .parquet); "
-            "if it is a Hub dataset, check the name and that the Hub is reachable (or set HF_DATASETS_OFFLINE=1 with a cached copy)"
-        )
-        raise DataError(f"cannot load dataset {what}: {type(e).__name__}: {e}; {hint}") from e
+        raise _load_error(e, what, split, local) from e
     if len(ds) == 0:
         raise DataError(f"dataset {what} (split {kwargs.get('split')!r}) is empty: it has no rows")
     return ds

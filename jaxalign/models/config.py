@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from jaxalign.errors import UnsupportedModelError
+from jaxalign.errors import CheckpointError, UnsupportedModelError
 from jaxalign.nn.rope import RopeConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -122,8 +122,24 @@ def _sliding_window_from_hf(d: dict[str, Any], model_type: str) -> int | None:
     return int(window) if window else None
 
 
-def from_hf_dict(d: dict[str, Any], **overrides) -> ModelConfig:
-    """Build a ModelConfig from a parsed HF config.json; unsupported features raise."""
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+
+
+def _check_ints(d: dict[str, Any], source: str) -> None:
+    """CheckpointError unless every required size is present and every size given is a positive integer."""
+    for key in _REQUIRED_INTS + ("num_key_value_heads", "head_dim"):
+        value = d.get(key)
+        if value is None and key in _REQUIRED_INTS:
+            raise CheckpointError(f"{source} has no {key!r}; a {d.get('model_type')} config needs "
+                                  f"{', '.join(_REQUIRED_INTS)}: fix the file or re-download the model")
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+            raise CheckpointError(f"{source}: {key} must be a positive integer, got {value!r}; "
+                                  "fix the file or re-download the model")
+
+
+def from_hf_dict(d: dict[str, Any], source: str = "config.json", **overrides) -> ModelConfig:
+    """Build a ModelConfig from a parsed HF config.json (read from `source`, named in errors);
+    unsupported features raise UnsupportedModelError, missing or non-integer sizes CheckpointError."""
     model_type = d.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise UnsupportedModelError(
@@ -133,6 +149,7 @@ def from_hf_dict(d: dict[str, Any], **overrides) -> ModelConfig:
     act = d.get("hidden_act", "silu")
     if act != "silu":
         raise UnsupportedModelError(f"hidden_act {act!r} is not supported (only silu)")
+    _check_ints(d, source)
     heads = int(d["num_attention_heads"])
     hidden = int(d["hidden_size"])
     head_dim = d.get("head_dim") or hidden // heads

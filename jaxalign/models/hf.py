@@ -19,6 +19,7 @@ import numpy as np
 from jaxalign.errors import CheckpointError
 from jaxalign.models.tensorfiles import SafetensorsFile, save_file
 from jaxalign.parallel.rules import path_str
+from jaxalign.paths import inside
 
 log = logging.getLogger(__name__)
 
@@ -64,9 +65,15 @@ def open_weights(model_dir: str) -> dict[str, SafetensorsFile]:
                 weight_map = json.load(f)["weight_map"]
         except (json.JSONDecodeError, KeyError) as e:
             raise CheckpointError(f"{index_path} is corrupt ({e}); re-download or re-export the model") from e
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index_path} is corrupt: its weight_map must map tensor names to shard file "
+                                  "names; re-download or re-export the model")
         files: dict[str, SafetensorsFile] = {}
         for fname in sorted(set(weight_map.values())):
-            fpath = os.path.join(model_dir, fname)
+            fpath = inside(model_dir, fname)
+            if fpath is None:
+                raise CheckpointError(f"{index_path} lists shard {fname!r}, which points outside {model_dir}; "
+                                      "shard names are relative to the model directory (no absolute paths or '..')")
             if not os.path.exists(fpath):
                 raise CheckpointError(
                     f"{index_path} lists shard {fname}, which is missing from {model_dir}; "

@@ -13,12 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, SingleDeviceSharding
 
-from jaxalign.errors import ShardingError
+from jaxalign.errors import CheckpointError, ShardingError
 from jaxalign.models import hf
 from jaxalign.models.config import ModelConfig, from_hf_dict, to_hf_dict
 from jaxalign.models.llama import hidden_states, init_params, unembed
 from jaxalign.nn.seams import dense, is_weight_type
-from jaxalign.parallel.rules import batch_sharding, named_shardings
+from jaxalign.parallel.rules import batch_sharding, named_shardings, path_str
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
@@ -186,7 +186,8 @@ def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype
         head = "score" if heads.is_sequence_classification(d) else "lm"
     declared = d.get("dtype") or d.get("torch_dtype") or "float32"
     dtype = canonical_dtype(dtype or declared)
-    config = from_hf_dict(d, param_dtype=dtype, dtype=canonical_dtype(compute_dtype or dtype), **config_overrides)
+    config = from_hf_dict(d, os.path.join(path, "config.json"), param_dtype=dtype,
+                          dtype=canonical_dtype(compute_dtype or dtype), **config_overrides)
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     if head != "lm":
         abstract = {k: v for k, v in abstract.items() if k != "lm_head"}
@@ -208,6 +209,30 @@ def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype
     return Model(config, params, mesh)
 
 
+@jax.jit
+def _nonfinite_counts(params) -> list[jax.Array]:
+    """Per leaf: NaN/inf counts per layer `[L]` for stacked (`layers`) leaves, else one count `[1]`."""
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+        bad = ~jnp.isfinite(x) if jnp.issubdtype(x.dtype, jnp.floating) else jnp.zeros(x.shape, bool)
+        stacked = "layers" in path_str(path).split(".") and x.ndim > 0
+        out.append(jnp.sum(bad.reshape(x.shape[0], -1) if stacked else bad.reshape(1, -1), axis=1))
+    return out
+
+
+def check_finite(params, source: str) -> None:
+    """CheckpointError naming the first tensor (by its HF name) of `params` that holds NaN
+    or inf values: the checkpoint at `source` is damaged, training on it gives NaN losses."""
+    counts = jax.device_get(_nonfinite_counts(params))
+    for (path, leaf), per_layer in zip(jax.tree_util.tree_flatten_with_path(params)[0], counts):
+        if per_layer.any():
+            i = int(np.argmax(per_layer > 0))
+            name = hf.hf_names(path_str(path), len(per_layer))[i]
+            raise CheckpointError(
+                f"the weights loaded from {source} are not finite: tensor {name} has {int(per_layer[i])} NaN/inf "
+                f"values; the checkpoint is damaged: re-download or re-export it")
+
+
 def init_model(config: ModelConfig, rng, mesh: Mesh | None = None, rules=None) -> Model:
     """A randomly initialized Model, created directly in its shards."""
     abstract = jax.eval_shape(lambda: init_params(config, rng))
@@ -216,4 +241,4 @@ def init_model(config: ModelConfig, rng, mesh: Mesh | None = None, rules=None) -
     return Model(config, params, mesh)
 
 
-__all__ = ["Model", "canonical_dtype", "init_model", "load_model", "positions_from_mask"]
+__all__ = ["Model", "canonical_dtype", "check_finite", "init_model", "load_model", "positions_from_mask"]

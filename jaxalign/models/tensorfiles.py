@@ -25,6 +25,27 @@ _DTYPES = {
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 
+def _is_ints(value, n: int | None = None) -> bool:
+    return (isinstance(value, list) and (n is None or len(value) == n)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
+
+
+def _check_entry(path: str, name: str, entry) -> None:
+    """CheckpointError unless a header entry has dtype, shape (ints) and data_offsets ([begin, end], begin <= end)."""
+    if not isinstance(entry, dict):
+        problem = f"is {entry!r}, not a mapping"
+    elif "dtype" not in entry or "shape" not in entry or "data_offsets" not in entry:
+        problem = f"lacks {', '.join(repr(k) for k in ('dtype', 'shape', 'data_offsets') if k not in entry)}"
+    elif not _is_ints(entry["shape"]):
+        problem = f"has shape {entry['shape']!r}, not a list of sizes"
+    elif not _is_ints(entry["data_offsets"], 2) or entry["data_offsets"][0] > entry["data_offsets"][1]:
+        problem = f"has data_offsets {entry['data_offsets']!r}, not [begin, end]"
+    else:
+        return
+    raise CheckpointError(f"{path} is corrupt: the header entry of tensor {name!r} {problem}; "
+                          "re-download or re-export the file")
+
+
 class SafetensorsFile:
     """One .safetensors file: `names()`, `shape(name)`, and `tensor(name)` (a memmap view)."""
 
@@ -49,6 +70,7 @@ class SafetensorsFile:
         self._entries = header
         data_len = size - self._data_start
         for name, e in header.items():
+            _check_entry(path, name, e)
             begin, end = e["data_offsets"]
             if e["dtype"] not in _DTYPES:
                 raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {e['dtype']}")

@@ -26,13 +26,13 @@ class MeshConfig:
     slice index).
     """
 
-    data: int = -1
-    fsdp: int = 1
-    tensor: int = 1
+    data: int = -1  # data-parallel axis: batch rows split over it
+    fsdp: int = 1  # batch rows and params (ZeRO-3 style) split over it
+    tensor: int = 1  # tensor-parallel axis: attention heads and MLP columns split over it
     # Hybrid (multi-slice / multi-host) meshes: how many slices each axis spans (see make_mesh).
-    dcn_data: int = 1
-    dcn_fsdp: int = 1
-    dcn_tensor: int = 1
+    dcn_data: int = 1  # slices the data axis spans
+    dcn_fsdp: int = 1  # slices the fsdp axis spans
+    dcn_tensor: int = 1  # slices the tensor axis spans
 
     @property
     def dcn(self) -> tuple[int, int, int]:

@@ -1,11 +1,15 @@
 """Checkpoints with orbax: train state + loop metadata, last-N retention, async saves,
-integrity fingerprints, fallback to an older step when the newest is damaged, and a
-separate error when an intact checkpoint holds a different train state than the run's."""
+integrity fingerprints, fallback to an older step when the newest is damaged, a
+separate error when an intact checkpoint holds a different train state than the run's, and
+one CheckpointError for a full disk (orbax's background-thread tracebacks of it are hidden)."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +53,33 @@ def layout_differences(saved, wanted) -> list[str]:
     return out
 
 
+def _disk_full(e: BaseException | None) -> bool:
+    """Whether `e`, or an exception it came from, is a full disk (OSError ENOSPC or tensorstore's message)."""
+    while e is not None:
+        if (isinstance(e, OSError) and e.errno == errno.ENOSPC) or "No space left on device" in str(e):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+class _HideDiskFull(logging.Filter):
+    """Drops orbax's error logs of a full disk (a traceback per writer thread): `Checkpointer` reports it once."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_disk_full(record.exc_info[1] if record.exc_info else None)
+                    or "No space left on device" in record.getMessage())
+
+
+_HIDE_DISK_FULL = _HideDiskFull()
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
+
+
 class Checkpointer:
     """Saves `(state, meta)` under `<dir>/<step>`; `meta` is a JSON dict (data position, ...)."""
 
@@ -58,11 +89,42 @@ class Checkpointer:
                                                create=True)
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        self._writing: tuple[int, int] | None = None  # (step, bytes) of the save in progress
+        logging.getLogger("absl").addFilter(_HIDE_DISK_FULL)
+
+    @contextlib.contextmanager
+    def _full_disk_reported(self):
+        """Turns a full disk during the save in progress into one CheckpointError (and closes the manager)."""
+        try:
+            yield
+        except Exception as e:
+            if not _disk_full(e) or self._writing is None:
+                raise
+            error = self._disk_full_error(*self._writing)
+            with contextlib.suppress(Exception):
+                self.manager.close()
+            raise error from None
+
+    def _disk_full_error(self, step: int, needed: int) -> CheckpointError:
+        older = [s for s in self.steps() if s < step]
+        resume = (f"a rerun of the same command resumes from step {older[-1]}, the newest complete checkpoint"
+                  if older else "no earlier checkpoint exists, so a rerun starts over")
+        return CheckpointError(
+            f"disk full while saving checkpoint step {step} in {self.directory}: it needs about {_size(needed)}, "
+            f"{_size(shutil.disk_usage(self.directory).free)} are free there. Free space (or lower "
+            f"train.keep_checkpoints, or put output_dir on a larger disk); {resume}")
 
     def save(self, step: int, state, meta: dict) -> None:
+        """Start saving (async: in the background); a full disk, found ahead or while writing, is a CheckpointError."""
+        self.wait()  # a failed background save is reported, naming its step, before the next one starts
+        needed = sum(x.nbytes for x in jax.tree.leaves(state))
+        self._writing = (step, needed)
+        if needed > shutil.disk_usage(self.directory).free:
+            raise self._disk_full_error(step, needed)
         meta = dict(meta, fingerprint=np.asarray(fingerprint(state)).tolist())
-        saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                                meta=ocp.args.JsonSave(meta)))
+        with self._full_disk_reported():
+            saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                                    meta=ocp.args.JsonSave(meta)))
         if not saved:  # orbax refuses a step at or before one it already has
             raise CheckpointError(f"checkpoint step {step} was not saved: {self.directory} already has steps "
                                   f"{self.steps()}; use a new output_dir or delete the newer steps")
@@ -121,8 +183,10 @@ class Checkpointer:
                                           f"this run builds ({len(diff)} leaves differ, e.g. {'; '.join(diff[:2])})")
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._full_disk_reported():
+            self.manager.wait_until_finished()
+        self._writing = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        self.wait()
         self.manager.close()

@@ -14,12 +14,13 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxalign.config import Config, builtin_path, changes_since, config_history, record_config
-from jaxalign.errors import CheckpointError, CheckpointMismatchError, ConfigError, NonFiniteLossError
+from jaxalign.errors import CheckpointError, CheckpointMismatchError, ConfigError, NonFiniteLossError, RunInterrupted
 from jaxalign.models.config import from_hf_dict
-from jaxalign.models.model import Model, init_model, load_model
+from jaxalign.models.model import Model, check_finite, init_model, load_model
 from jaxalign.parallel import distributed
 from jaxalign.parallel.mesh import make_mesh
 from jaxalign.parallel.rules import batch_sharding, named_shardings
+from jaxalign.paths import check_output_dir
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.metrics import MetricsLogger
 from jaxalign.train.objective import Objective, get_builder
@@ -30,21 +31,27 @@ log = logging.getLogger(__name__)
 
 
 def build_model(cfg: Config, mesh) -> Model:
-    """Load the configured HF checkpoint, or initialize from a config.json with random weights."""
+    """Load the configured HF checkpoint (whose weights must be finite), or initialize from a
+    config.json with random weights."""
     m = cfg.model
     overrides = dict(remat=m.remat, attention_impl=m.attention_impl)
     if m.path:
         q = cfg.quantization
-        return load_model(builtin_path(m.path), dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype,
-                          quantize=q.method, quant_block_size=q.block_size, double_quant=q.double_quant, **overrides)
+        model = load_model(builtin_path(m.path), dtype=m.dtype, mesh=mesh, compute_dtype=m.compute_dtype,
+                           quantize=q.method, quant_block_size=q.block_size, double_quant=q.double_quant, **overrides)
+        check_finite(model.params, m.path)
+        return model
     path = builtin_path(m.config)
     if os.path.isdir(path):
         path = os.path.join(path, "config.json")
     if not os.path.exists(path):
         raise CheckpointError(f"model.config {m.config!r} does not exist; point it at an HF config.json")
     with open(path) as f:
-        hf = json.load(f)
-    config = from_hf_dict(hf, param_dtype=m.dtype, dtype=m.compute_dtype, **overrides)
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"model.config {path} is not valid JSON ({e}); fix the file") from None
+    config = from_hf_dict(hf, param_dtype=m.dtype, dtype=m.compute_dtype, source=path, **overrides)
     return init_model(config, jax.random.key(m.seed), mesh)
 
 
@@ -68,12 +75,28 @@ def apply_transforms(model: Model, cfg: Config) -> Model:
 
 
 def load_tokenizer(cfg: Config):
+    """The tokenizer of model.tokenizer, else model.path, else model.config's directory (a local directory)."""
     from transformers import AutoTokenizer
 
     from jaxalign.models.gguf import resolve
 
-    source = resolve(builtin_path(cfg.model.tokenizer or cfg.model.path or os.path.dirname(builtin_path(cfg.model.config))))
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    m = cfg.model
+    key, value = next((k, v) for k, v in (("model.tokenizer", m.tokenizer), ("model.path", m.path),
+                                          ("model.config", m.config)) if v)
+    source = resolve(builtin_path(value))
+    if key == "model.config" and not os.path.isdir(source):
+        source = os.path.dirname(source)
+    if not os.path.isdir(source):
+        what = "is a file, not a directory" if os.path.exists(source) else "does not exist"
+        raise CheckpointError(f"{key} {value!r} {what}; point it at a local model directory "
+                              "(config.json, *.safetensors and the tokenizer files)")
+    try:
+        return AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"no tokenizer could be loaded from {key} {value!r} ({first}); it needs "
+                              "tokenizer.json or tokenizer_config.json + vocabulary files: set model.tokenizer "
+                              "to a directory that has them") from None
 
 
 def partition_params(params, trainable_mask=None):
@@ -164,7 +187,7 @@ def train(cfg: Config) -> dict:
     """Run (or resume) the configured training; returns the final metrics record."""
     distributed.initialize(cfg.distributed)  # multi-host: join the job first (no-op if joined / single)
     out_dir = os.path.abspath(cfg.output_dir)
-    os.makedirs(out_dir, exist_ok=True)
+    check_output_dir(out_dir)
     mesh = make_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg)
     model = apply_transforms(build_model(cfg, mesh), cfg)
@@ -181,6 +204,7 @@ def train(cfg: Config) -> dict:
     state = jax.jit(lambda p: init_state(p, optimizer, cfg.train.seed), out_shardings=state_shardings)(trainable)
     frozen_shardings = _shardings_of(frozen) if frozen is not None else None
 
+    os.makedirs(out_dir, exist_ok=True)  # model, tokenizer and data loaded: the run directory may be created
     ckpt = Checkpointer(os.path.join(out_dir, "checkpoints"), keep=cfg.train.keep_checkpoints,
                         use_async=cfg.train.async_checkpoints)
     start, skipped = 0, 0
@@ -216,40 +240,45 @@ def train(cfg: Config) -> dict:
             logger.log(step, metrics)
         return metrics
 
-    if start == 0:
-        run_eval(0)
     max_skipped = cfg.train.max_skipped_steps if cfg.train.max_skipped_steps is not None else max(1, steps // 10)
     record: dict = {}
     tokens, t_last, s_last = 0, time.time(), start
-    for step in range(start + 1, steps + 1):
-        batch = next(objective.train_batches)
-        tokens += count_tokens(batch) * jax.process_count()
-        state, metrics = step_fn(state, frozen, to_global(batch, mesh))
-        metrics = jax.device_get(metrics)
-        if not metrics.pop("finite"):
-            skipped += 1
-            msg = (f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
-                   f"grad_norm={metrics['grad_norm']}); the step was not applied")
-            fix = "lower optim.learning_rate or enable clipping (optim.max_grad_norm)"
-            if cfg.train.on_nonfinite == "stop":
-                ckpt.close()
-                raise NonFiniteLossError(f"{msg}; {fix}, or set train.on_nonfinite=skip")
-            if skipped > max_skipped:
-                ckpt.close()
-                raise NonFiniteLossError(f"{skipped} steps up to step {step} had a non-finite loss or gradient and "
-                                         f"were skipped, more than train.max_skipped_steps={max_skipped}; {fix}")
-            log.warning(msg)
-        if step % cfg.train.log_every == 0 or step == steps:
-            elapsed = time.time() - t_last
-            record = {k: float(v) for k, v in metrics.items()}
-            record["tokens_per_second"] = tokens / max(elapsed, 1e-9)
-            record["steps_per_second"] = (step - s_last) / max(elapsed, 1e-9)
-            logger.log(step, record)
-            tokens, t_last, s_last = 0, time.time(), step
-        if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
-            run_eval(step)
-        if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
-            ckpt.save(step, state, {"data": objective.train_batches.state(), "step": step, "skipped": skipped})
+    step = start
+    try:
+        if start == 0:
+            run_eval(0)
+        for step in range(start + 1, steps + 1):
+            batch = next(objective.train_batches)
+            tokens += count_tokens(batch) * jax.process_count()
+            state, metrics = step_fn(state, frozen, to_global(batch, mesh))
+            metrics = jax.device_get(metrics)
+            if not metrics.pop("finite"):
+                skipped += 1
+                msg = (f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
+                       f"grad_norm={metrics['grad_norm']}); the step was not applied")
+                fix = "lower optim.learning_rate or enable clipping (optim.max_grad_norm)"
+                if cfg.train.on_nonfinite == "stop":
+                    ckpt.close()
+                    raise NonFiniteLossError(f"{msg}; {fix}, or set train.on_nonfinite=skip")
+                if skipped > max_skipped:
+                    ckpt.close()
+                    raise NonFiniteLossError(f"{skipped} steps up to step {step} had a non-finite loss or gradient "
+                                             f"and were skipped, more than train.max_skipped_steps={max_skipped}; "
+                                             f"{fix}")
+                log.warning(msg)
+            if step % cfg.train.log_every == 0 or step == steps:
+                elapsed = time.time() - t_last
+                record = {k: float(v) for k, v in metrics.items()}
+                record["tokens_per_second"] = tokens / max(elapsed, 1e-9)
+                record["steps_per_second"] = (step - s_last) / max(elapsed, 1e-9)
+                logger.log(step, record)
+                tokens, t_last, s_last = 0, time.time(), step
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
+                run_eval(step)
+            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
+                ckpt.save(step, state, {"data": objective.train_batches.state(), "step": step, "skipped": skipped})
+    except KeyboardInterrupt:
+        raise interrupted(ckpt, step) from None
     final = run_eval(steps) if start < steps else {}
     ckpt.close()
     if cfg.train.export:
@@ -273,6 +302,18 @@ def train(cfg: Config) -> dict:
                 save(tree, os.path.join(out_dir, "adapter"), base=cfg.model.path)
         distributed.barrier("jaxalign:export")
     return {**record, **final}
+
+
+def interrupted(ckpt: Checkpointer, step: int) -> RunInterrupted:
+    """RunInterrupted saying where a run stopped at `step` can be resumed from (pending saves are finished first)."""
+    ckpt.wait()
+    saved = ckpt.steps()
+    ckpt.close()
+    if saved:
+        return RunInterrupted(f"stopped in step {step}; the newest checkpoint is step {saved[-1]} in "
+                              f"{ckpt.directory}: rerun the same command to resume from it")
+    return RunInterrupted(f"stopped in step {step}, before the first checkpoint (train.save_every sets how "
+                          "often one is saved): rerunning the same command starts over")
 
 
 def export(model: Model, tokenizer, out_dir: str) -> None:
