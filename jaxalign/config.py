@@ -139,13 +139,19 @@ class PPOSection:
     from the policy; it is trained on for ppo_epochs x num_minibatches optimizer steps of
     train.batch_size sequences each. Reward: reward_model (an HF *ForSequenceClassification
     dir, read at the last response token) or reward_fn ("module:function" called with
-    (prompts, completions) -> scores). See docs/rl.md.
+    (prompts, completions) -> scores; a list of them: the reward is their sum weighted by
+    reward_weights, each logged as rollout/rewards/<function name>). GRPO: loss_type picks
+    TRL's aggregation (grpo: sequence mean; bnpo: token mean of the minibatch; dr_grpo:
+    token sum / (sequences x response_length); dapo: token sum / the rollout's tokens per
+    minibatch). LoRA dropout is off in RL updates (the old log-probs are computed without
+    it). See docs/rl.md.
     """
 
     reward_model: str | None = None  # HF *ForSequenceClassification directory scoring responses
     reward_adapter: str | None = None  # a reward model saved as a LoRA adapter + score head of the policy's base
-    reward_fn: str | None = None  # module:function called with (prompts, completions) -> scores
-    value_model: str = "auto"  # critic initialized from the policy or the reward model (auto: the reward model if any)
+    reward_fn: str | list[str] | None = None  # module:function (or a list) called with (prompts, completions) -> scores
+    reward_weights: list[float] | None = None  # weights of the reward_fn list in the reward (null: all 1)
+    value_model: str = "auto"  # critic from the policy or the reward model (auto: the RM if same tokenizer)
     group_size: int = 1  # samples per prompt (GRPO / RLOO groups)
     num_minibatches: int = 4  # minibatches (optimizer steps) per rollout per epoch
     ppo_epochs: int = 4  # passes over each rollout
@@ -161,7 +167,9 @@ class PPOSection:
     target_kl: float = 6.0  # KL the adaptive controller aims at
     kl_horizon: int = 10000  # horizon of the adaptive KL controller
     beta: float = 0.0  # GRPO/RLOO: KL-to-reference term in the loss (0: none)
-    cliprange: float = 0.2  # policy ratio clip
+    cliprange: float = 0.2  # policy ratio clip: ratios below 1 - cliprange are clipped
+    epsilon_high: float | None = None  # upper ratio clip 1 + epsilon_high (DAPO clip-higher; null: cliprange)
+    loss_type: str = "bnpo"  # GRPO loss aggregation (TRL's names, see above; PPO: token mean, RLOO: sequence mean)
     cliprange_value: float = 0.2  # value prediction clip
     vf_coef: float = 0.1  # value loss weight
     gamma: float = 1.0  # discount
@@ -169,10 +177,15 @@ class PPOSection:
     whiten_scores: bool = False  # whiten sequence scores over the rollout
     whiten_rewards: bool = False  # whiten per-token rewards before GAE
     whiten_advantages: bool = True  # whiten advantages
-    scale_rewards: bool = True  # GRPO: divide group-centered scores by the group's std
+    scale_rewards: str | bool = "group"  # GRPO: centered scores / the group's or batch's std, or none (true: group)
+    drop_uniform_groups: bool = False  # GRPO/RLOO: groups with all rewards equal are out of the loss (DAPO)
     missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS (null: none)
     eval_temperature: float = 0.0  # sampling temperature of eval responses (0: greedy)
     eval_reward_fn: str | None = None  # module:function scoring eval responses, logged beside the learned reward
+
+    def __post_init__(self):
+        if isinstance(self.scale_rewards, bool):  # the former boolean setting
+            self.scale_rewards = "group" if self.scale_rewards else "none"
 
 
 @dataclasses.dataclass
@@ -245,6 +258,8 @@ _CHOICES = {
     "ppo.value_model": ("auto", "policy", "reward"),
     "ppo.prompt_truncation": ("left", "skip"),
     "ppo.kl_estimator": ("k1", "k2", "k3", "abs", "mse"),
+    "ppo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+    "ppo.scale_rewards": ("group", "batch", "none"),
     "dpo.reference": ("auto", "adapters_off", "frozen_copy", "precomputed"),
     "dpo.loss_type": ("sigmoid", "hinge", "ipo", "robust", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                       "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop"),

@@ -6,8 +6,12 @@ The implementations (with shapes, conventions and references) live in
 
 from jaxalign.algos.advantages import (
     KL_ESTIMATORS,
+    LOSS_TYPES,
+    SCALE_REWARDS,
     AdaptiveKLController,
     FixedKLController,
+    aggregate,
+    clipped_surrogate,
     explained_variance,
     gae,
     grpo_advantages,
@@ -17,9 +21,10 @@ from jaxalign.algos.advantages import (
     ppo_policy_loss,
     ppo_value_loss,
     rloo_advantages,
+    sequence_policy_loss,
     whiten,
 )
 
-__all__ = ["KL_ESTIMATORS", "AdaptiveKLController", "FixedKLController", "explained_variance", "gae",
-           "grpo_advantages", "kl_penalty", "masked_mean", "masked_var", "ppo_policy_loss", "ppo_value_loss",
-           "rloo_advantages", "whiten"]
+__all__ = ["KL_ESTIMATORS", "LOSS_TYPES", "SCALE_REWARDS", "AdaptiveKLController", "FixedKLController", "aggregate",
+           "clipped_surrogate", "explained_variance", "gae", "grpo_advantages", "kl_penalty", "masked_mean",
+           "masked_var", "ppo_policy_loss", "ppo_value_loss", "rloo_advantages", "sequence_policy_loss", "whiten"]

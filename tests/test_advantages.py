@@ -240,3 +240,70 @@ def test_gae_then_whiten_composes_under_jit():
     r, v = RNG.normal(size=(B, T)), RNG.normal(size=(B, T))
     w = np.asarray(jax.jit(lambda r, v, m: rl.whiten(rl.gae(r, v, m)[0], m))(r, v, mask))
     assert np.isfinite(w).all() and abs(w[mask > 0].mean()) < 1e-5
+
+
+# ---------------------------------------------------------------------------- TRL's GRPO / RLOO losses
+
+# Fixed inputs: 4 sequences of up to 5 tokens (ragged), advantages of both signs, ratios far enough
+# from 1 that both clip bounds act.
+NEW = np.array([[-1.0, -0.4, -2.0, -0.3, -1.1], [-0.2, -0.9, -1.5, 0.0, 0.0],
+                [-2.2, -0.1, -0.6, -0.8, 0.0], [-0.7, -1.4, 0.0, 0.0, 0.0]], np.float32)
+OLD = np.array([[-1.2, -0.3, -1.6, -0.5, -1.0], [-0.4, -1.0, -1.1, 0.0, 0.0],
+                [-2.0, -0.3, -0.9, -0.8, 0.0], [-0.6, -1.0, 0.0, 0.0, 0.0]], np.float32)
+REF = OLD - np.float32(0.1) * np.arange(5, dtype=np.float32)
+MASK = np.array([[1, 1, 1, 1, 1], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 0, 0, 0]], np.float32)
+ADV = np.array([1.0, -0.5, 0.8, -1.2], np.float32)
+
+
+def test_rloo_loss_is_trls_sequence_level_loss():
+    """TRL RLOOTrainer._compute_loss: logps = Σ_t logp_t; coef_1 = exp(logps - old_logps);
+    loss = mean_i -min(coef_1 A, clamp(coef_1, 1 - eps, 1 + eps_high) A)."""
+    import torch
+
+    logps, old_logps = ((torch.tensor(x) * torch.tensor(MASK)).sum(1) for x in (NEW, OLD))
+    adv = torch.tensor(ADV)
+    for eps_high in (0.2, 0.28):
+        coef_1 = torch.exp(logps - old_logps)
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + eps_high)
+        want = (-torch.min(coef_1 * adv, coef_2 * adv)).mean().item()
+        got = rl.sequence_policy_loss(NEW, OLD, ADV, MASK, 0.2, eps_high)
+        assert float(got["loss"][0] / got["loss"][1]) == pytest.approx(want, rel=1e-5)
+        clipped = ((coef_1 < 0.8) & (adv < 0)) | ((coef_1 > 1 + eps_high) & (adv > 0))  # TRL's region clip ratio
+        assert float(got["clipfrac"][0] / got["clipfrac"][1]) == pytest.approx(clipped.float().mean().item())
+    token_level = rl.ppo_policy_loss(NEW, OLD, ADV[:, None] * MASK, MASK, 0.2)["loss"]
+    assert abs(float(token_level[0] / token_level[1]) - want) > 0.01  # what RLOO computed before
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_grpo_loss_types_are_trls(loss_type):
+    """TRL GRPOTrainer._compute_loss (token-level ratios, epsilon_high, beta * k3 KL added per
+    token), aggregated per loss_type; dapo's normaliser is the rollout's tokens over its
+    minibatches (here 40 tokens in 2 minibatches)."""
+    import torch
+
+    new, old, ref, mask = map(torch.tensor, (NEW, OLD, REF, MASK))
+    adv = torch.tensor(ADV).unsqueeze(1)
+    beta, eps_low, eps_high, max_len = 0.04, 0.2, 0.28, 5
+    coef_1 = torch.exp(new - old)
+    coef_2 = torch.clamp(coef_1, 1 - eps_low, 1 + eps_high)
+    per_token_kl = torch.exp(ref - new) - (ref - new) - 1
+    per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv) + beta * per_token_kl
+    want = {"grpo": ((per_token_loss * mask).sum(-1) / mask.sum(-1).clamp(min=1.0)).mean(),
+            "bnpo": (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0),
+            "dr_grpo": (per_token_loss * mask).sum() / (per_token_loss.size(0) * max_len),
+            "dapo": (per_token_loss * mask).sum() / (40 / 2)}[loss_type].item()
+    row_norm = np.full(4, 40 / 8, np.float32)  # 40 rollout tokens over 8 rollout rows
+    pg = rl.ppo_policy_loss(NEW, OLD, ADV[:, None] * MASK, MASK, eps_low, eps_high, loss_type, row_norm)["loss"]
+    kl = rl.aggregate(rl.kl_penalty(NEW, REF, kind="k3"), MASK, loss_type, row_norm)
+    assert float(kl[1]) == float(pg[1])  # one count: the terms add
+    assert float((pg[0] + beta * kl[0]) / pg[1]) == pytest.approx(want, rel=1e-5)
+
+
+def test_grpo_scale_rewards_batch():
+    """TRL scale_rewards="batch": (s - group mean) / (std over the whole batch + 1e-4)."""
+    scores = RNG.normal(size=12).astype(np.float32)
+    grouped = scores.reshape(-1, 4)
+    want = (grouped - grouped.mean(1, keepdims=True)).reshape(-1) / (scores.std(ddof=1) + 1e-4)
+    np.testing.assert_allclose(np.asarray(rl.grpo_advantages(scores, 4, scale_rewards="batch")), want, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(rl.grpo_advantages(scores, 4, scale_rewards=True)),
+                                  np.asarray(rl.grpo_advantages(scores, 4, scale_rewards="group")))

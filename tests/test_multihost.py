@@ -381,3 +381,39 @@ def test_gather_replicated_in_chunks_matches_the_array():
     assert distributed.gather_replicated(x, keep=False, chunk_bytes=96) is None
     tree = distributed.fetch_to_host({"x": x, "n": np.ones(2), "none": None})
     assert isinstance(tree["x"], np.ndarray) and tree["none"] is None
+
+
+def test_ppo_adaptive_kl_controller_sees_the_global_kl(tmp_path, spawn):
+    """PPO with the adaptive KL controller as 2 processes x 2 devices: each process measures the
+    KL of its own rows, but the rollout statistics (the KL the controller updates from, the
+    scores) are means over both processes, so both log the same values and keep one kl_coef."""
+    import re
+
+    from tests.test_ppo import LETTERS, TINY, TOKENIZER
+
+    (tmp_path / "config.json").write_text(json.dumps(TINY))
+    rng = np.random.default_rng(0)
+    rows = [{"prompt": "say: " + "".join(rng.choice(list(LETTERS), rng.integers(2, 6)))} for _ in range(64)]
+    (tmp_path / "prompts.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "empty.yaml").write_text("{}\n")
+    args = ["algorithm=ppo", f"output_dir={tmp_path / 'run'}", f"model.config={tmp_path / 'config.json'}",
+            f"model.tokenizer={TOKENIZER}", f"data.train={tmp_path / 'prompts.jsonl'}", "data.eval=null",
+            "train.batch_size=8", "train.steps=8", "train.log_every=1", "train.async_checkpoints=false",
+            "train.export=false", "train.save_every=null", "optim.learning_rate=3e-3", "optim.schedule=constant",
+            "ppo.num_minibatches=2", "ppo.ppo_epochs=1", "ppo.response_length=8", "ppo.max_prompt_length=12",
+            "ppo.reward_fn=tests.test_ppo:letter_fraction", "ppo.adaptive_kl=true", "ppo.kl_coef=0.01",
+            "ppo.target_kl=0.05", "ppo.kl_horizon=100", "mesh.data=4", "mesh.fsdp=1",
+            "distributed.initialization_timeout=120"]
+    port = _free_port()
+    procs = [spawn([sys.executable, WORKER, "-", "train", str(tmp_path / "empty.yaml"), *args],
+                   env=_env(2, JAXALIGN_COORDINATOR=f"127.0.0.1:{port}", JAXALIGN_NUM_PROCESSES=2,
+                            JAXALIGN_PROCESS_ID=i, PYTHONPATH=ROOT),
+                   stdout=subprocess.DEVNULL, stderr=open(tmp_path / f"p{i}.log", "w"))
+             for i in range(2)]
+    logs = [_finish(p, tmp_path / f"p{i}.log") for i, p in enumerate(procs)]
+    stats = [re.findall(r"rollout (\d+): (.*)", log) for log in logs]
+    assert len(stats[0]) == len(stats[1]) == 4
+    for (k0, line0), (k1, line1) in zip(*stats):  # score, reward, kl, kl_coef, ..., eos_fraction
+        assert k0 == k1 and line0.split(", sampler_logprob_error")[0] == line1.split(", sampler_logprob_error")[0]
+    kl_coefs = [float(re.search(r"kl_coef ([\d.e-]+)", line).group(1)) for _, line in stats[0]]
+    assert kl_coefs[-1] != kl_coefs[0]  # the controller moved, the same way in both processes

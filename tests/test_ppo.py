@@ -285,3 +285,96 @@ def test_reward_model_with_another_tokenizer_rescores_the_decoded_text(tmp_path)
     direct = other.encode("say: hellohello", add_special_tokens=True) + [other.eos_token_id]
     want = heads.sequence_scores(params, config, jnp.asarray([direct]), jnp.ones((1, len(direct)), jnp.int32))
     np.testing.assert_allclose(got, np.asarray(want), rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------- issue 14
+
+
+def odd_prompt(prompts, completions):
+    """Toy reward: 1 for prompts of odd length, else 0 (the same for every sample of a prompt)."""
+    return [float(len(p) % 2) for p in prompts]
+
+
+def even_letters(prompts, completions):
+    """Toy reward: the letter fraction for prompts of even length, else 0."""
+    return [0.0 if len(p) % 2 else f for p, f in zip(prompts, letter_fraction(prompts, completions))]
+
+
+def test_value_model_from_a_reward_model_with_another_tokenizer_is_refused(files, tiny):
+    """The critic reads the policy's token ids; a reward model with another tokenizer (here a
+    smaller vocabulary) would look them up out of range: value_model=reward is a ConfigError
+    naming the fix, and auto picks the policy."""
+    from transformers import AutoTokenizer
+
+    import jaxalign as ja
+    from jaxalign.models import heads
+    from jaxalign.models.config import from_hf_dict
+
+    model, policy_tok = tiny
+    other = AutoTokenizer.from_pretrained(TOKENIZER)
+    other.add_tokens(["hello"])
+    config = from_hf_dict({**TINY, "vocab_size": 50})
+    params = heads.add_score_head(ja.init_model(config, jax.random.key(3)).params, config, jax.random.key(4))
+    scorer = RewardModel(params, config, None, other, policy_tok)
+    cfg = _config(files, "ppo", "unused", ["ppo.value_model=reward"])
+    with pytest.raises(ConfigError, match="ppo.value_model: policy"):
+        ppo.value_params(cfg, model.params, model.config, scorer, None)
+    _, value_config = ppo.value_params(_config(files, "ppo", "unused"), model.params, model.config, scorer, None)
+    assert value_config is model.config
+
+
+def test_lora_dropout_is_off_in_rl_updates(files, tmp_path):
+    """The old log-probs are computed without dropout, so the updates run without it too: at
+    the first minibatch of a rollout (step 3 here: the adapters are no longer zero) the ratio
+    is 1 with lora.dropout=0.3."""
+    train(_config(files, "ppo", tmp_path, ["lora.rank=4", "lora.alpha=8", "lora.dropout=0.3", "train.steps=3",
+                                           "ppo.ppo_epochs=1"]))
+    first = _records(tmp_path)[3]
+    assert first["approx_kl"] < 1e-10 and first["clipfrac"] == 0.0
+    assert first["ratio"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_grpo_drops_uniform_groups_and_weighs_several_reward_functions(files, tiny):
+    """drop_uniform_groups: groups whose rewards are all equal leave the loss (their response
+    mask is 0), counted as rollout/frac_reward_zero_std. A reward_fn list: each function is
+    logged as rewards/<name>, the reward is their weighted sum."""
+    fns = ["tests.test_ppo:odd_prompt", "tests.test_ppo:even_letters"]  # odd prompts: uniform groups
+    cfg = _config(files, "grpo", "unused", [f"ppo.reward_fn={json.dumps(fns)}", "ppo.reward_weights=[1.0, 0.5]",
+                                            "ppo.drop_uniform_groups=true", "ppo.scale_rewards=false"])
+    assert cfg.ppo.scale_rewards == "none"  # the former boolean
+    _, objective, _, _ = _objective(cfg, tiny)
+    it = objective.train_batches
+    batch = next(it)
+    stats = dict(zip(it.stat_names, batch["rollout_stats"][0]))
+    exp = {k: v for k, v in it.exp.items()}
+    n = cfg.ppo.max_prompt_length
+    prompt_len = exp["attention_mask"][:, :n].sum(1) - 1  # the text's characters (BOS dropped)
+    odd = prompt_len % 2 == 1
+    assert 0 < odd.mean() < 1
+    assert np.all(exp["response_mask"][odd] == 0) and np.all(exp["response_mask"][~odd][:, 0] == 1)
+    assert stats["frac_reward_zero_std"] == pytest.approx(odd.mean())
+    assert stats["rewards/odd_prompt"] == pytest.approx(odd.mean()) and stats["rewards/even_letters"] > 0
+    assert stats["score"] == pytest.approx(stats["rewards/odd_prompt"] + 0.5 * stats["rewards/even_letters"],
+                                           rel=1e-5)
+    with pytest.raises(ConfigError, match="2 weights for 1 reward functions"):
+        ppo.build(_config(files, "grpo", "unused", ["ppo.reward_weights=[1, 2]"]), *tiny)
+
+
+@pytest.mark.parametrize("algorithm, extra", [("rloo", ["ppo.kl_coef=0.1", "ppo.beta=0.04"]),
+                                              ("grpo", ["ppo.loss_type=dapo", "ppo.epsilon_high=0.28",
+                                                        "ppo.scale_rewards=batch", "ppo.beta=0.04"])])
+def test_first_minibatch_of_rloo_and_grpo_variants(files, tiny, algorithm, extra):
+    """RLOO's per-sequence ratios and GRPO's dapo aggregation (row_norm: the rollout's tokens
+    per sequence) start at ratio 1, nothing clipped, KL 0, a finite loss."""
+    cfg = _config(files, algorithm, "unused", extra)
+    _, objective, params, _ = _objective(cfg, tiny)
+    batch = next(objective.train_batches)
+    if algorithm == "grpo":
+        n = objective.train_batches.exp["response_mask"].sum() / len(objective.train_batches.exp["response_mask"])
+        np.testing.assert_allclose(batch["row_norm"], n, rtol=1e-6)
+    sums = jax.jit(objective.loss_fn)(params, batch, jax.random.key(0))
+    metrics = {k: float(s / c) for k, (s, c) in sums.items()}
+    assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5) and metrics["clipfrac"] == 0.0
+    assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and np.isfinite(metrics["loss"])
+    if algorithm == "rloo":
+        assert float(sums["loss"][1]) == 8  # a mean over the minibatch's sequences

@@ -129,37 +129,94 @@ def kl_penalty(logprobs, ref_logprobs, kind: str = "k1"):
 # ---------------------------------------------------------------------------- PPO losses
 
 
-def ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2,
-                    cliprange_high: float | None = None) -> dict:
-    """PPO clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, Eq. 7), per token.
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
-    All inputs `[B, T]` (advantages broadcast to tokens for GRPO/RLOO). With
-    ratio = exp(new - old):
-        loss_t = max(-A_t ratio_t, -A_t clip(ratio_t, 1 - cliprange, 1 + cliprange_high))
+
+def clipped_surrogate(new_logprobs, old_logprobs, advantages, cliprange: float = 0.2,
+                      cliprange_high: float | None = None):
+    """PPO's clipped surrogate (Schulman et al. 2017, arXiv:1707.06347, Eq. 7), elementwise
+    (per token `[B, T]` or per sequence `[B]`). With ratio = exp(new - old):
+        loss = max(-A ratio, -A clip(ratio, 1 - cliprange, 1 + cliprange_high))
     (`cliprange_high` defaults to `cliprange`; a larger one is DAPO's clip-higher,
-    arXiv:2503.14476).
+    arXiv:2503.14476). Returns (loss, clipped: where the clipped term is the active one, ratio)."""
+    adv = _f32(advantages)
+    ratio = jnp.exp(_f32(new_logprobs) - _f32(old_logprobs))
+    high = cliprange if cliprange_high is None else cliprange_high
+    unclipped = -adv * ratio
+    clipped = -adv * jnp.clip(ratio, 1.0 - cliprange, 1.0 + high)
+    return jnp.maximum(unclipped, clipped), (clipped > unclipped).astype(jnp.float32), ratio
 
-    Returns `{name: (masked_sum, token_count)}`; divide the summed sums by the summed counts:
-      loss       the surrogate above (minimize it)
+
+def aggregate(x, mask, loss_type: str = "bnpo", row_norm=None):
+    """`(sum, count)` of a per-token loss `[B, T]` as TRL GRPOTrainer's `loss_type`s:
+      grpo     each sequence's token mean, averaged over sequences (count: sequences)
+      bnpo     the token mean over the batch (count: tokens)
+      dr_grpo  the token sum / (sequences x T), T = the maximum completion length
+      dapo     the token sum / (the rollout's tokens / its minibatches): `row_norm` `[B]` is the
+               rollout's tokens per sequence on every row, so its sum over a minibatch is that
+    Rows without a masked token are no sequence (count 0). Linear in `x` with a count that
+    does not depend on it: loss terms aggregate separately and add.
+    """
+    m = _f32(mask)
+    x = _f32(x) * m
+    lengths = jnp.sum(m, axis=1)
+    rows = jnp.sum((lengths > 0).astype(jnp.float32))
+    if loss_type == "grpo":
+        return jnp.sum(jnp.sum(x, axis=1) / jnp.maximum(lengths, 1.0)), rows
+    if loss_type == "bnpo":
+        return jnp.sum(x), jnp.sum(m)
+    if loss_type == "dr_grpo":
+        return jnp.sum(x) / m.shape[1], rows
+    if loss_type == "dapo":
+        return jnp.sum(x), jnp.sum(_f32(row_norm) * (lengths > 0))
+    raise ValueError(f"aggregate: unknown loss_type={loss_type!r}; valid: {', '.join(LOSS_TYPES)}")
+
+
+def ppo_policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2,
+                    cliprange_high: float | None = None, loss_type: str = "bnpo", row_norm=None) -> dict:
+    """PPO clipped policy loss per token (`clipped_surrogate`), aggregated by `loss_type`
+    (`aggregate`; the default is the token mean, as PPO).
+
+    All inputs `[B, T]` (advantages broadcast to tokens for GRPO). Returns
+    `{name: (sum, count)}`; divide the summed sums by the summed counts:
+      loss       the aggregated surrogate (minimize it)
       clipfrac   tokens where the clipped term is the active one (TRL's pg_clipfrac)
       approx_kl  ½ (new - old)^2, TRL PPO's approxkl
       ratio      the probability ratio
     """
     m = _f32(mask)
     count = jnp.sum(m)
-    adv = _f32(advantages)
+    losses, clipped, ratio = clipped_surrogate(new_logprobs, old_logprobs, advantages, cliprange, cliprange_high)
     logratio = _f32(new_logprobs) - _f32(old_logprobs)
-    ratio = jnp.exp(logratio)
-    high = cliprange if cliprange_high is None else cliprange_high
-    unclipped = -adv * ratio
-    clipped = -adv * jnp.clip(ratio, 1.0 - cliprange, 1.0 + high)
-    losses = jnp.maximum(unclipped, clipped)
 
     def total(x):
         return (jnp.sum(x * m), count)
 
-    return {"loss": total(losses), "clipfrac": total((clipped > unclipped).astype(jnp.float32)),
+    return {"loss": aggregate(losses, m, loss_type, row_norm), "clipfrac": total(clipped),
             "approx_kl": total(0.5 * logratio**2), "ratio": total(ratio)}
+
+
+def sequence_policy_loss(new_logprobs, old_logprobs, advantages, mask, cliprange: float = 0.2,
+                         cliprange_high: float | None = None) -> dict:
+    """RLOO's clipped loss as TRL's RLOOTrainer: one ratio per sequence,
+    exp(Σ_t new_t - Σ_t old_t) over its masked tokens, clipped per sequence
+    (`clipped_surrogate`), averaged over sequences.
+
+    new/old_logprobs, mask `[B, T]`; advantages `[B]`. Returns `{name: (sum, sequences)}`:
+    loss, clipfrac, approx_kl (½ (sequence log-ratio)^2), ratio; rows without a masked token
+    are not counted.
+    """
+    m = _f32(mask)
+    rows = (jnp.sum(m, axis=1) > 0).astype(jnp.float32)
+    new, old = jnp.sum(_f32(new_logprobs) * m, axis=1), jnp.sum(_f32(old_logprobs) * m, axis=1)
+    losses, clipped, ratio = clipped_surrogate(new, old, advantages, cliprange, cliprange_high)
+    count = jnp.sum(rows)
+
+    def total(x):
+        return (jnp.sum(x * rows), count)
+
+    return {"loss": total(losses), "clipfrac": total(clipped), "approx_kl": total(0.5 * (new - old) ** 2),
+            "ratio": total(ratio)}
 
 
 def ppo_value_loss(new_values, old_values, returns, mask, cliprange_value: float = 0.2) -> dict:
@@ -190,19 +247,27 @@ def _groups(scores, group_size: int, name: str):
     return s.reshape(-1, group_size)
 
 
-def grpo_advantages(scores, group_size: int, scale_rewards: bool = True, eps: float = 1e-4):
+SCALE_REWARDS = ("group", "batch", "none")
+
+
+def grpo_advantages(scores, group_size: int, scale_rewards: str = "group", eps: float = 1e-4):
     """GRPO advantages `[B]` (Shao et al. 2024, DeepSeekMath, arXiv:2402.03300).
 
     scores `[B]`: one scalar per sequence; each consecutive run of `group_size` rows is one
-    prompt's group. A_i = (s_i - mean_group) / (std_group + eps) with the unbiased std, as
-    TRL's GRPOTrainer (scale_rewards="group"); `scale_rewards=False` only centers (Dr. GRPO,
-    Liu et al. 2025, arXiv:2503.20783; TRL scale_rewards="none"). group_size=1 gives zeros.
+    prompt's group. A_i = (s_i - mean_group) / (std + eps), unbiased std, as TRL's
+    GRPOTrainer `scale_rewards`: "group" (the group's std), "batch" (the std over all `B`
+    scores), "none" (centered only: Dr. GRPO, Liu et al. 2025, arXiv:2503.20783). A bool
+    is read as True = "group", False = "none". group_size=1 gives zeros.
     """
+    mode = {True: "group", False: "none"}.get(scale_rewards, scale_rewards)
+    if mode not in SCALE_REWARDS:
+        raise ValueError(f"grpo_advantages: scale_rewards={scale_rewards!r}; valid: {', '.join(SCALE_REWARDS)}")
     g = _groups(scores, group_size, "grpo_advantages")
     centered = g - jnp.mean(g, axis=1, keepdims=True)
-    if scale_rewards and group_size > 1:
-        std = jnp.sqrt(jnp.sum(centered**2, axis=1, keepdims=True) / (group_size - 1))
-        centered = centered / (std + eps)
+    if mode == "group" and group_size > 1:
+        centered = centered / (jnp.std(g, axis=1, keepdims=True, ddof=1) + eps)
+    elif mode == "batch" and g.size > 1:
+        centered = centered / (jnp.std(g, ddof=1) + eps)
     return centered.reshape(-1)
 
 

@@ -16,8 +16,9 @@ One rollout (every `ppo_epochs x num_minibatches` optimizer steps), see `Rollout
    advantage over the response tokens (RLOO's sequence reward is `score - kl_coef * KL`);
 5. minibatches of that experience, shuffled per epoch; each loop step is one optimizer
    update on `rl_sums`: clipped policy loss (+ `vf_coef` x clipped value loss for PPO,
-   + `beta` x k3 KL to the reference for GRPO), token-level means as `(sum, count)`;
-6. the KL controller (fixed or adaptive) sees the rollout's KL.
+   + `beta` x k3 KL to the reference for GRPO/RLOO) as `(sum, count)`: PPO token means,
+   GRPO aggregated per `loss_type`, RLOO one clipped ratio per sequence (as TRL);
+6. the KL controller (fixed or adaptive) sees the rollout's KL (a mean over all processes).
 
 The train state holds `{"policy": ..., "value": ...}` (value only for PPO); frozen parts
 (a LoRA base, a quantized base) are shared by reference, never copied: see docs/rl.md for
@@ -36,9 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.algos.rollout import (Prompts, RewardModel, RolloutSettings, call_reward_fn, decode_responses,
-                                    left_pad, load_prompts, load_reward_fn, response_logprobs, response_values,
-                                    sample, to_global, to_local)
+from jaxalign.algos.rollout import (Prompts, RewardFunctions, RewardModel, RolloutSettings, call_reward_fn,
+                                    decode_responses, left_pad, load_prompts, load_reward_fn, process_sum,
+                                    response_logprobs, response_values, sample, to_global, to_local)
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.config import ModelConfig
 
@@ -47,11 +48,13 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
-def rollout_stat_names(algorithm: str, kl: bool) -> tuple[str, ...]:
-    """Per-rollout statistics, logged as `rollout/<name>` (the rollout's value on every row):
-    score (before the missing-EOS penalty), reward (after), kl (sum over the response of the
-    per-token KL estimate, mean over sequences), entropy (per token), response_length,
-    eos_fraction, sampler_logprob_error (max |sampler - recomputed| log-prob), times, index."""
+def rollout_stat_names(algorithm: str, kl: bool, reward_names: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """Per-rollout statistics, logged as `rollout/<name>` (the rollout's value on every row;
+    means over all processes): score (before the missing-EOS penalty), reward (after), kl (sum
+    over the response of the per-token KL estimate, mean over sequences), entropy (per token),
+    response_length, eos_fraction, sampler_logprob_error (max |sampler - recomputed| log-prob,
+    this process's), times, index; GRPO/RLOO frac_reward_zero_std (groups whose rewards are
+    all equal); `rewards/<name>` per reward function."""
     names = ["score", "reward", "entropy", "response_length", "eos_fraction", "sampler_logprob_error",
              "time_rollout_s", "time_train_s", "index"]
     if kl:
@@ -60,7 +63,9 @@ def rollout_stat_names(algorithm: str, kl: bool) -> tuple[str, ...]:
             names[3:3] = ["kl_coef", "non_score_reward"]
     if algorithm == "ppo":
         names += ["explained_variance", "value_mean", "return_mean"]
-    return tuple(names)
+    else:
+        names.append("frac_reward_zero_std")
+    return tuple(names) + tuple(f"rewards/{name}" for name in reward_names)
 
 
 def task_reward(prompts: list[str], completions: list[str]) -> list[float]:
@@ -88,20 +93,30 @@ class LossSettings:
     prompt_length: int
     temperature: float
     cliprange: float = 0.2
+    cliprange_high: float | None = None
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
     beta: float = 0.0
+    loss_type: str = "bnpo"
     chunk_size: int | None = None
     stats: tuple[str, ...] = ()
 
 
+def loss_type(algorithm: str, grpo_loss_type: str) -> str:
+    """How `rl_sums` aggregates per-token terms (`rl.aggregate`): PPO the token mean, RLOO
+    the sequence mean (its KL term; the policy loss is per sequence), GRPO `ppo.loss_type`."""
+    return {"ppo": "bnpo", "rloo": "grpo"}.get(algorithm, grpo_loss_type)
+
+
 def rl_sums(params, batch: dict, s: LossSettings, config: ModelConfig, value_config: ModelConfig | None) -> dict:
-    """`{name: (sum, count)}` of one minibatch of experience; `loss` is the token-level mean of
-    `policy_loss + vf_coef * value_loss` (PPO) or `policy_loss + beta * kl` (GRPO/RLOO).
+    """`{name: (sum, count)}` of one minibatch of experience. `loss`: PPO the token mean of
+    `policy_loss + vf_coef * value_loss`; GRPO `policy_loss + beta * kl` per token, aggregated
+    by `s.loss_type`; RLOO the per-sequence policy loss (`rl.sequence_policy_loss`) + beta x
+    each sequence's mean KL, averaged over sequences.
 
     batch: input_ids/attention_mask `[B, P + N]`, response_mask/old_logprobs/advantages
-    (+ old_values/returns for PPO, ref_logprobs when beta > 0) `[B, N]`,
-    rollout_stats `[B, len(s.stats)]`.
+    (+ old_values/returns for PPO, ref_logprobs when beta > 0) `[B, N]`, row_norm `[B]`
+    (loss_type dapo), rollout_stats `[B, len(s.stats)]`.
     """
     from jaxalign import rl
 
@@ -109,7 +124,13 @@ def rl_sums(params, batch: dict, s: LossSettings, config: ModelConfig, value_con
     n = jnp.sum(mask)
     logp, entropy = response_logprobs(params["policy"], config, batch["input_ids"], batch["attention_mask"],
                                       s.prompt_length, temperature=s.temperature, chunk_size=s.chunk_size)
-    pg = rl.ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, s.cliprange)
+    row_norm = batch.get("row_norm")
+    if s.algorithm == "rloo":  # advantages are per sequence, broadcast over its tokens
+        pg = rl.sequence_policy_loss(logp, batch["old_logprobs"], batch["advantages"][:, 0], mask, s.cliprange,
+                                     s.cliprange_high)
+    else:
+        pg = rl.ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, s.cliprange,
+                                s.cliprange_high, s.loss_type, row_norm)
     total = pg["loss"][0]
     out = {
         "policy_loss": pg["loss"],
@@ -126,9 +147,9 @@ def rl_sums(params, batch: dict, s: LossSettings, config: ModelConfig, value_con
         out.update(value_loss=vf["loss"], value_clipfrac=vf["clipfrac"])
     elif s.beta > 0:
         kl = rl.kl_penalty(logp, batch["ref_logprobs"], kind="k3")
-        total = total + s.beta * jnp.sum(kl * mask)
+        total = total + s.beta * rl.aggregate(kl, mask, s.loss_type, row_norm)[0]
         out["kl"] = (jnp.sum(kl * mask), n)
-    out["loss"] = (total, n)
+    out["loss"] = (total, pg["loss"][1])
     stats = batch["rollout_stats"]
     rows = jnp.asarray(stats.shape[0], jnp.float32)
     out.update({f"rollout/{name}": (jnp.sum(stats[:, i]), rows) for i, name in enumerate(s.stats)})
@@ -142,15 +163,15 @@ def rl_sums(params, batch: dict, s: LossSettings, config: ModelConfig, value_con
                                              "whiten_advantages", "group_size", "scale_rewards", "whiten_scores"))
 def advantages(logprobs, ref_logprobs, values, scores, response_mask, kl_coef, *, algorithm: str, kind: str,
                gamma: float, lam: float, whiten_rewards: bool, whiten_advantages: bool, group_size: int,
-               scale_rewards: bool, whiten_scores: bool = False):
+               scale_rewards: str, whiten_scores: bool = False):
     """Per-token advantages `[B, N]`, returns `[B, N]`, KL `[B, N]` and rewards `[B, N]` of a rollout.
 
     PPO: `rewards_t = -kl_coef * KL_t` on every response token plus the score on the last
     one (`t = length - 1`, the EOS when there is one; `whiten_scores`: the scores first
     normalized to mean 0, std 1 over the rollout); GAE by reverse scan; advantages whitened
     over the response tokens. GRPO / RLOO: per-sequence advantages from the
-    group of `group_size` consecutive rows (RLOO on `score - kl_coef * sum_t KL_t`),
-    broadcast over the response tokens. Everything is 0 outside `response_mask`.
+    group of `group_size` consecutive rows (GRPO scaled per `scale_rewards`; RLOO on
+    `score - kl_coef * sum_t KL_t`), broadcast over the response tokens. Everything is 0 outside `response_mask`.
     """
     from jaxalign import rl
 
@@ -288,9 +309,10 @@ def value_params(cfg, policy_params, policy_config: ModelConfig, reward: RewardM
     """(value params `{"model", "score"}`, value config) per `ppo.value_model`.
 
     policy: the policy's decoder with a fresh score head. reward: the reward model's decoder
-    and score head. Under LoRA (`lora.rank > 0`) the value model is fresh LoRA adapters (or,
-    for a reward model that is itself an adapter, a copy of its adapters) on the *same*
-    frozen base arrays; without LoRA it is a full trainable copy.
+    and score head; it reads the policy's token ids, so the reward model must share the
+    policy's tokenizer (auto picks policy otherwise). Under LoRA (`lora.rank > 0`) the value
+    model is fresh LoRA adapters (or, for a reward model that is itself an adapter, a copy of
+    its adapters) on the *same* frozen base arrays; without LoRA it is a full trainable copy.
     """
     from jaxalign.models.heads import init_score_head
     from jaxalign.peft import lora
@@ -298,9 +320,13 @@ def value_params(cfg, policy_params, policy_config: ModelConfig, reward: RewardM
     r = cfg.lora
     kind = cfg.ppo.value_model
     if kind == "auto":
-        kind = "reward" if reward is not None else "policy"
+        kind = "reward" if reward is not None and not reward.retokenize else "policy"
     if kind == "reward" and reward is None:
         raise ConfigError("ppo.value_model=reward needs a reward model (ppo.reward_model or ppo.reward_adapter)")
+    if kind == "reward" and reward.retokenize:
+        raise ConfigError("ppo.value_model=reward: the reward model's tokenizer differs from the policy's, but the "
+                          "critic reads the policy's token ids (only the reward's input is re-tokenized); set "
+                          "ppo.value_model: policy")
     rng = jax.random.key(cfg.model.seed + 2)
     if kind == "policy":
         source, config = {"model": policy_params["model"]}, policy_config
@@ -398,8 +424,10 @@ def _check(cfg, algorithm: str, model, tokenizer, dp: int) -> None:
     if t.save_every and t.save_every % per:
         raise ConfigError(f"train.save_every={t.save_every} must be a multiple of the optimizer steps per rollout "
                           f"(ppo.ppo_epochs x ppo.num_minibatches = {per}) so that checkpoints resume exactly")
-    for name in ("cliprange", "cliprange_value", "kl_coef", "beta", "vf_coef"):
-        if getattr(p, name) < 0:
+    if p.reward_weights is not None and not p.reward_fn:
+        raise ConfigError("ppo.reward_weights weighs the ppo.reward_fn list: set ppo.reward_fn or drop the weights")
+    for name in ("cliprange", "epsilon_high", "cliprange_value", "kl_coef", "beta", "vf_coef"):
+        if (getattr(p, name) or 0) < 0:
             raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(p, name)}")
     if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
         raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {p.gamma}, {p.lam}")
@@ -422,13 +450,13 @@ def _pad_id(model, tokenizer, stop: tuple[int, ...]) -> int:
     return int(pad)
 
 
-def load_reward(cfg, model, tokenizer) -> tuple[RewardModel | None, Callable | None]:
-    """The configured reward: (RewardModel, None) or (None, python function)."""
+def load_reward(cfg, model, tokenizer) -> tuple[RewardModel | None, RewardFunctions | None]:
+    """The configured reward: (RewardModel, None) or (None, the reward functions)."""
     from jaxalign.config import builtin_path
 
     p = cfg.ppo
     if p.reward_fn:
-        return None, load_reward_fn(p.reward_fn)
+        return None, RewardFunctions(p.reward_fn, p.reward_weights)
     from jaxalign.models import heads
 
     if p.reward_adapter:
@@ -497,14 +525,16 @@ def build(cfg, model, tokenizer):
     adv_kwargs = dict(algorithm=algorithm, kind=p.kl_estimator, gamma=float(p.gamma), lam=float(p.lam),
                       whiten_rewards=p.whiten_rewards, whiten_advantages=p.whiten_advantages,
                       group_size=p.group_size, scale_rewards=p.scale_rewards, whiten_scores=p.whiten_scores)
+    aggregation = loss_type(algorithm, p.loss_type)
     pi, pc = jax.process_index(), jax.process_count()
     local_prompts = per_rollout // pc
     rollouts_per_epoch = len(prompts) // per_rollout
 
     def score(batch, texts):
+        """(scores [b], {reward function name: its scores [b]})."""
         if reward_model is not None:
-            return reward_model(batch, settings.prompt_length)
-        return call_reward_fn(reward_fn, texts, decode_responses(tokenizer, batch, settings.prompt_length))
+            return reward_model(batch, settings.prompt_length), {}
+        return reward_fn(texts, decode_responses(tokenizer, batch, settings.prompt_length))
 
     def prompt_batch(source: Prompts, idx, group: int):
         ids, mask = left_pad([source.ids[i] for i in idx], settings.prompt_length, settings.pad_token_id)
@@ -523,42 +553,54 @@ def build(cfg, model, tokenizer):
         g = functools.partial(to_global, mesh=mesh)
         logp, entropy, ref_logp, values = forward(policy, ref, params.get("value"), g(batch["input_ids"]),
                                                   g(batch["attention_mask"]))
-        raw = score(batch, texts)
+        raw, parts = score(batch, texts)
         scores = raw - (p.missing_eos_penalty or 0.0) * (1 - batch["eos"])
         adv, ret, kl, _ = advantages(logp, ref_logp, values, g(scores.astype(np.float32)),
                                      g(batch["response_mask"]), jnp.float32(kl_coef), **adv_kwargs)
         m = batch["response_mask"].astype(np.float32)
+        if algorithm == "ppo":
+            explained = float(rl.explained_variance(values, ret, g(m)))
         logp, entropy, ref_logp, values, adv, ret, kl = map(to_local, (logp, entropy, ref_logp, values, adv, ret, kl))
         exp = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
                "response_mask": batch["response_mask"], "old_logprobs": logp, "advantages": adv}
+        per_row = {"score": raw, "reward": scores, "kl": kl.sum(1), "response_length": m.sum(1),
+                   "eos_fraction": batch["eos"], **{f"rewards/{name}": v for name, v in parts.items()}}
+        if algorithm != "ppo":  # groups of consecutive rows; a group never spans two processes
+            zero_std = np.repeat(np.isclose(scores.reshape(-1, p.group_size).std(1), 0.0), p.group_size)
+            per_row["frac_reward_zero_std"] = zero_std
+            if p.drop_uniform_groups:  # DAPO's dynamic sampling: no loss on groups without signal
+                exp["response_mask"] = exp["response_mask"] * (~zero_std[:, None]).astype(np.int32)
+        tokens = {"entropy": (entropy * m).sum(), "value_mean": (values * m).sum(), "return_mean": (ret * m).sum(),
+                  "tokens": m.sum(), "kept_tokens": exp["response_mask"].sum()}
+        totals = process_sum([*(np.mean(v) for v in per_row.values()), *tokens.values()])  # one all-gather
+        stats = dict(zip(per_row, totals[:len(per_row)] / pc))  # means of equal-sized per-process means
+        tok = dict(zip(tokens, totals[len(per_row):]))
+        n = max(float(tok["tokens"]), 1.0)
+        stats.update(kl_coef=kl_coef, entropy=tok["entropy"] / n,
+                     sampler_logprob_error=float(np.abs((logp - batch["sampler_logprobs"]) * m).max()))
+        if algorithm in ("ppo", "rloo"):
+            stats["non_score_reward"] = -kl_coef * stats["kl"]
         if algorithm == "ppo":
             exp.update(old_values=values, returns=ret)
+            stats.update(explained_variance=explained, value_mean=tok["value_mean"] / n,
+                         return_mean=tok["return_mean"] / n)
         if algorithm != "ppo" and p.beta > 0:
             exp["ref_logprobs"] = ref_logp
-        n = max(float(m.sum()), 1.0)
-        kl_seq = kl.sum(1)
-        stats = {"score": float(raw.mean()), "reward": float(scores.mean()), "kl": float(kl_seq.mean()),
-                 "kl_coef": kl_coef,
-                 "entropy": float((entropy * m).sum() / n), "response_length": float(m.sum(1).mean()),
-                 "eos_fraction": float(batch["eos"].mean()),
-                 "sampler_logprob_error": float(np.abs((logp - batch["sampler_logprobs"]) * m).max())}
-        if algorithm in ("ppo", "rloo"):
-            stats["non_score_reward"] = float(-kl_coef * kl_seq.mean())
-        if algorithm == "ppo":
-            stats.update(explained_variance=float(rl.explained_variance(values, ret, m)),
-                         value_mean=float((values * m).sum() / n), return_mean=float((ret * m).sum() / n))
-        return exp, stats
+        if aggregation == "dapo":  # the rollout's tokens per sequence (see rl.aggregate)
+            exp["row_norm"] = np.full(len(raw), tok["kept_tokens"] / (len(raw) * pc), np.float32)
+        return exp, {k: float(v) for k, v in stats.items()}
 
-    stat_names = rollout_stat_names(algorithm, need_ref)
+    stat_names = rollout_stat_names(algorithm, need_ref, tuple(reward_fn.fns) if reward_fn is not None else ())
     kl_ctl = (rl.AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl
               else rl.FixedKLController(p.kl_coef))
     iterator = RolloutIterator(experience, rows=rows // pc, minibatch_rows=t.batch_size // pc, epochs=p.ppo_epochs,
                                num_minibatches=p.num_minibatches, seed=t.seed, num_prompts=len(prompts),
                                kl_controller=kl_ctl, stat_names=stat_names, rollout_size=rows)
-    loss_settings = LossSettings(algorithm=algorithm, prompt_length=settings.prompt_length,
-                                 temperature=settings.temperature, cliprange=float(p.cliprange),
-                                 cliprange_value=float(p.cliprange_value), vf_coef=float(p.vf_coef),
-                                 beta=float(p.beta), chunk_size=chunk, stats=stat_names)
+    loss_settings = LossSettings(
+        algorithm=algorithm, prompt_length=settings.prompt_length, temperature=settings.temperature,
+        cliprange=float(p.cliprange), cliprange_high=None if p.epsilon_high is None else float(p.epsilon_high),
+        cliprange_value=float(p.cliprange_value), vf_coef=float(p.vf_coef), beta=float(p.beta),
+        loss_type=aggregation, chunk_size=chunk, stats=stat_names)
 
     def loss_fn(params, batch, rng):
         return rl_sums(params, batch, loss_settings, config, value_config)
@@ -581,16 +623,13 @@ def build(cfg, model, tokenizer):
                 ids, mask, texts = prompt_batch(eval_prompts, idx, 1)
                 batch = sample(params["policy"], config, ids, mask, jax.random.key(t.seed), eval_settings, mesh,
                                greedy=p.eval_temperature == 0)
-                s = score(batch, texts)[:real]
+                s = score(batch, texts)[0][:real]
                 extra = 0.0
                 if eval_fn is not None:
                     completions = decode_responses(tokenizer, batch, settings.prompt_length)
                     extra = call_reward_fn(eval_fn, texts[:real], completions[:real]).sum()
                 totals += [s.sum(), batch["response_mask"][:real].sum(), batch["eos"][:real].sum(), extra]
-            if pc > 1:
-                from jax.experimental import multihost_utils
-
-                totals = np.asarray(multihost_utils.process_allgather(totals)).sum(0)
+            totals = process_sum(totals)
             out = {"score": totals[0] / n, "response_length": totals[1] / n, "eos_fraction": totals[2] / n}
             if eval_fn is not None:
                 out["reward_fn"] = totals[3] / n
@@ -605,9 +644,12 @@ def build(cfg, model, tokenizer):
     if prompts.stats.truncated or prompts.stats.dropped:
         log.warning("prompts: %d truncated on the left to ppo.max_prompt_length=%d, %d skipped (%s)",
                     prompts.stats.truncated, p.max_prompt_length, prompts.stats.dropped, prompts.stats.drop_reasons)
+    if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
+        log.info("lora.dropout=%s is off in RL updates: the old log-probs are computed without it, so the first "
+                 "update's ratio is 1", cfg.lora.dropout)
     return Objective(loss_fn=loss_fn, train_batches=iterator, evaluate_extra=evaluate_extra, summary=summary,
                      init_params=init_params, trainable_mask=trainable_mask, bind_params=iterator.bind,
-                     export_params=lambda params: params["policy"])
+                     export_params=lambda params: params["policy"], lora_dropout=False)
 
 
 def _experience_forward(policy, ref, value, input_ids, attention_mask, *, config, value_config, prompt_length: int,

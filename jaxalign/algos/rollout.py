@@ -13,7 +13,8 @@ The pieces `jaxalign.algos.ppo` (PPO, GRPO, RLOO) builds its experience from:
   PPO ratio compares against.
 * `RewardModel`: a `*ForSequenceClassification` reward model read at the last real token,
   re-tokenizing the decoded text when its tokenizer differs from the policy's.
-* `load_reward_fn`: a Python `"module:function"` reward `(prompts, completions) -> scores`.
+* `load_reward_fn`: a Python `"module:function"` reward `(prompts, completions) -> scores`;
+  `RewardFunctions`: several of them with weights.
 
 Conventions: pad and EOS are distinct; `response_mask[b, i] = 1` on generated tokens up to
 and including the first stop token (what the sampler returns); everything after is pad.
@@ -125,6 +126,16 @@ def to_local(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.global_array_to_host_local_array(x, x.sharding.mesh, x.sharding.spec))
 
 
+def process_sum(x) -> np.ndarray:
+    """Elementwise sum of a host array over all processes (one process: as is)."""
+    x = np.asarray(x, np.float32)
+    if jax.process_count() == 1:
+        return x
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x)).sum(0)
+
+
 # ---------------------------------------------------------------------------- sampling
 
 
@@ -218,6 +229,31 @@ def call_reward_fn(fn, prompts: list[str], completions: list[str]) -> np.ndarray
     if not np.all(np.isfinite(scores)):
         raise DataError(f"the reward function returned non-finite scores: {scores[~np.isfinite(scores)][:4]}")
     return scores
+
+
+class RewardFunctions:
+    """Python reward functions (`"module:function"`, named by the function) and their
+    weights: `__call__(prompts, completions) -> (weighted sum [B], {name: scores [B]})`."""
+
+    def __init__(self, specs: str | Sequence[str], weights: Sequence[float] | None = None,
+                 what: str = "ppo.reward_fn"):
+        specs = [specs] if isinstance(specs, str) else list(specs)
+        weights = [1.0] * len(specs) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(specs):
+            raise ConfigError(f"ppo.reward_weights has {len(weights)} weights for {len(specs)} reward functions "
+                              f"in {what}; give one weight per function")
+        self.fns = {}
+        for spec in specs:
+            fn = load_reward_fn(spec, what)
+            name = spec.split(":")[1]
+            if name in self.fns:
+                raise ConfigError(f"{what} names two functions {name!r}; each is logged as rollout/rewards/<name>")
+            self.fns[name] = fn
+        self.weights = np.asarray(weights, np.float32)
+
+    def __call__(self, prompts: list[str], completions: list[str]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        parts = {name: call_reward_fn(fn, prompts, completions) for name, fn in self.fns.items()}
+        return np.stack(list(parts.values()), axis=1) @ self.weights, parts
 
 
 def same_vocabulary(a, b) -> bool:

@@ -221,7 +221,7 @@ def train(cfg: Config) -> dict:
     logger = MetricsLogger(out_dir, steps, resume_step=start)
 
     loss_fn = objective.loss_fn
-    if cfg.lora.rank > 0 and cfg.lora.dropout > 0:
+    if cfg.lora.rank > 0 and cfg.lora.dropout > 0 and objective.lora_dropout:
         from jaxalign.peft import lora
 
         def loss_fn(params, batch, rng):

@@ -37,7 +37,8 @@ class Objective:
     trained; default: LoRA adapters when present, else everything); bind_params(get) is
     called once with a function returning the current full params (for iterators that
     sample from the model being trained); export_params(params) -> the model params to
-    export (default: params as they are)."""
+    export (default: params as they are). lora_dropout: whether training steps apply LoRA
+    dropout (`lora.dropout`); RL turns it off, its old log-probs are computed without it."""
 
     loss_fn: Callable[[Any, dict, Any], dict]
     train_batches: Any
@@ -49,6 +50,7 @@ class Objective:
     trainable_mask: Callable[[Any], Any] | None = None
     bind_params: Callable[[Callable[[], Any]], None] | None = None
     export_params: Callable[[Any], Any] | None = None
+    lora_dropout: bool = True
 
 
 def get_builder(name: str):
