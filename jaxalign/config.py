@@ -222,6 +222,7 @@ class DPOSection:
     label_smoothing: float = 0.0  # assumed fraction of flipped labels (cDPO / robust)
     simpo_gamma: float = 0.5  # SimPO's target margin
     discopop_tau: float = 0.05  # DiscoPOP's temperature
+    rpo_alpha: float = 0.0  # weight of the chosen reply's per-token NLL added to the loss (RPO; 0 = off)
     reference: str = "auto"  # where reference log-probs come from (see above)
     precompute_ref_logps: bool = False  # same as reference: precomputed
     max_prompt_length: int | None = None  # prompts cut from the left to this many tokens (null: no cut)
@@ -382,6 +383,8 @@ def _validate(cfg: Config) -> None:
                           "of optim.learning_rate)")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    if cfg.dpo.rpo_alpha < 0:
+        raise ConfigError(f"dpo.rpo_alpha={cfg.dpo.rpo_alpha} must be >= 0 (0 = no NLL term)")
     if cfg.model.path is None and cfg.model.config is None:
         raise ConfigError("set model.path (an HF checkpoint dir) or model.config (a config.json to init from scratch)")
 

@@ -323,8 +323,13 @@ def _plot_evals(ax, evals: dict) -> None:
         ax.legend(handles, [h.get_label() for h in handles], fontsize=7, loc="best")
 
 
+def _series(records: Sequence[Mapping], key: str) -> list[tuple]:
+    return [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float)) and not isinstance(r[key], bool)]
+
+
 def plot_stages(run_dirs: Mapping[str, str], out: str) -> str:
-    """One figure: a row per stage, train loss on the left and its eval/* metrics on the right."""
+    """One figure: a row per stage; on the left the train loss (RL stages: rollout reward and KL to
+    the start model), on the right its eval/* metrics."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -336,21 +341,22 @@ def plot_stages(run_dirs: Mapping[str, str], out: str) -> str:
     fig, axes = plt.subplots(max(len(names), 1), 2, figsize=(11, 2.8 * max(len(names), 1)), squeeze=False)
     for row, name in zip(axes, names):
         records = read_metrics(run_dirs[name])
-        train = [(r["step"], r["loss"]) for r in records if isinstance(r.get("loss"), (int, float))]
         evals: dict[str, list] = {}
         for r in records:
             for k, v in r.items():
                 if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     evals.setdefault(k, []).append((r["step"], v))
-        if train:
-            xs, ys = zip(*train)
-            row[0].plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3)
-        row[0].set_title(f"{name}: train loss")
-        score = [(r["step"], r["rollout/score"]) for r in records if isinstance(r.get("rollout/score"), (int, float))]
-        if score:  # RL stages: the rollouts' mean reward beside the loss
-            xs, ys = zip(*score)
-            row[0].twinx().plot(xs, ys, "--", color="C1", label="rollout score")
-            row[0].set_title(f"{name}: train loss (solid), rollout score (dashed)")
+        train, score, kl = (_series(records, k) for k in ("loss", "rollout/score", "rollout/kl"))
+        if score:  # RL stages: the rollouts' mean reward and KL to the start model (the loss says little)
+            row[0].plot(*zip(*score), color="C0")
+            if kl:
+                row[0].twinx().plot(*zip(*kl), "--", color="C3")
+            row[0].set_title(f"{name}: rollout reward (solid), KL to start (dashed)")
+        else:
+            if train:
+                xs, ys = zip(*train)
+                row[0].plot(xs, ys, marker="o" if len(xs) < 20 else None, markersize=3)
+            row[0].set_title(f"{name}: train loss")
         _plot_evals(row[1], evals)
         row[1].set_title(f"{name}: eval")
         for ax in row:

@@ -120,6 +120,12 @@ def test_simpo_needs_no_reference_and_ipo_length_normalizes(tmp_path, hf_model):
     expected = -jax.nn.log_sigmoid(2.0 * (pc / lc - pr / lr) - cfg.dpo.simpo_gamma)
     assert m["loss"] == pytest.approx(float(np.mean(expected)), rel=1e-4)
     assert m["logps/chosen"] == pytest.approx(float(np.mean(pc / lc)), rel=1e-4)
+    # RPO: the chosen reply's per-token NLL (raw sums, not the length-normalized log-probs) joins the loss
+    _, _, rpo = _objective(tmp_path / "r", path, ["dpo.loss_type=simpo", "dpo.beta=2.0", "dpo.rpo_alpha=0.5"])
+    m_rpo = _loss(rpo, model.params, batch)
+    assert m_rpo["nll_loss"] == pytest.approx(float(np.mean(-pc / lc)), rel=1e-4)
+    assert m_rpo["loss"] == pytest.approx(float(np.mean(expected - 0.5 * pc / lc)), rel=1e-4)
+    assert m["loss"] == pytest.approx(float(np.mean(expected)), rel=1e-4)  # 0 = off
     no_lora = dataclasses.replace(cfg, dpo=dataclasses.replace(cfg.dpo, reference="adapters_off", loss_type="sigmoid"))
     with pytest.raises(ConfigError, match="adapters_off needs LoRA"):
         dpo.resolve_reference(no_lora, has_lora=False)

@@ -93,12 +93,15 @@ def dpo_pair_outputs(params, config, batch: dict, *, reference: str, d, chunk_si
     `{"policy", "reference"}` (frozen_copy). For precomputed, the batch carries
     `ref_chosen_logps` / `ref_rejected_logps` `[B]` (sums over response tokens). d: the
     `DPOSection`. Returns losses, chosen/rejected rewards, the log-probs given to the loss
-    (length-averaged for ipo/simpo), response lengths and `valid` (non-padding rows).
+    (length-averaged for ipo/simpo), response lengths, `valid` (non-padding rows) and
+    `nll_loss`: the chosen reply's negative log-likelihood per token, which `d.rpo_alpha`
+    adds to the loss (RPO, Pang et al. 2024: -alpha log p(chosen | prompt) / |chosen|).
     """
     from jaxalign.losses import LENGTH_NORMALIZED_LOSS_TYPES, dpo
 
     policy = params["policy"] if reference == "frozen_copy" else params
     pc, pr, lc, lr = pair_logps(policy, config, batch, chunk_size)
+    nll = -pc / jnp.maximum(lc, 1.0)
     if reference == "none":
         rc = rr = None
     elif reference == "precomputed":
@@ -120,9 +123,12 @@ def dpo_pair_outputs(params, config, batch: dict, *, reference: str, d, chunk_si
     losses, r_chosen, r_rejected = dpo(pc, pr, rc, rr, beta=d.beta, loss_type=d.loss_type,
                                        label_smoothing=d.label_smoothing, simpo_gamma=d.simpo_gamma,
                                        discopop_tau=d.discopop_tau)
+    if d.rpo_alpha:
+        losses = losses + d.rpo_alpha * nll
     valid = (lc > 0) & (lr > 0)
     return {"loss": losses, "rewards/chosen": r_chosen, "rewards/rejected": r_rejected,
-            "logps/chosen": pc, "logps/rejected": pr, "chosen_length": lc, "rejected_length": lr, "valid": valid}
+            "logps/chosen": pc, "logps/rejected": pr, "chosen_length": lc, "rejected_length": lr, "valid": valid,
+            "nll_loss": nll}
 
 
 def dpo_sums(params, config, batch: dict, *, reference: str, d, chunk_size: int | None = None) -> dict:
@@ -131,7 +137,8 @@ def dpo_sums(params, config, batch: dict, *, reference: str, d, chunk_size: int 
     rc, rr = jax.lax.stop_gradient(o["rewards/chosen"]), jax.lax.stop_gradient(o["rewards/rejected"])
     values = {"loss": o["loss"], "rewards/chosen": rc, "rewards/rejected": rr, "rewards/accuracies": rc > rr,
               "rewards/margins": rc - rr, "logps/chosen": jax.lax.stop_gradient(o["logps/chosen"]),
-              "logps/rejected": jax.lax.stop_gradient(o["logps/rejected"])}
+              "logps/rejected": jax.lax.stop_gradient(o["logps/rejected"]),
+              "nll_loss": jax.lax.stop_gradient(o["nll_loss"])}
     return masked_sums(values, o["valid"])
 
 
@@ -236,7 +243,7 @@ def build(cfg, model, tokenizer):
             return {"loss": float(np.mean(o["loss"])), "rewards/chosen": float(np.mean(rc)),
                     "rewards/rejected": float(np.mean(rr)), "rewards/accuracies": float(np.mean(rc > rr)),
                     "rewards/margins": float(np.mean(rc - rr)), "logps/chosen": float(np.mean(o["logps/chosen"])),
-                    "logps/rejected": float(np.mean(o["logps/rejected"])),
+                    "logps/rejected": float(np.mean(o["logps/rejected"])), "nll_loss": float(np.mean(o["nll_loss"])),
                     **length_bias(rc, rr, o["chosen_length"], o["rejected_length"])}
 
     summary: dict[str, Any] = {
