@@ -137,3 +137,19 @@ def test_pipeline_end_to_end_test_sized(tmp_path):
     for stage in ("sft", "reward", "ppo", "dpo", "grpo"):
         assert (out / stage / "final" / "config.json").exists()
         assert (out / stage / "curves.png").exists()
+
+
+def test_smollm2_recipe_configs_load_and_chain(tmp_path):
+    """The real-model recipes validate (no model is loaded) and the pipeline chains them."""
+    from jaxalign.config import load_config
+
+    here = os.path.join(ROOT, "configs", "smollm2")
+    for name in ("sft", "grpo", "dpo", "reward", "ppo"):
+        cfg = load_config(os.path.join(here, f"{name}.yaml"))
+        assert cfg.lora.rank == 16 and cfg.algorithm == name
+    p = pipeline.load_pipeline(os.path.join(here, "pipeline.yaml"), [f"output_dir={tmp_path}"])
+    assert list(p["stages"]) == ["sft", "label", "reward", "ppo", "dpo", "grpo"]
+    assert p["stages"]["label"]["judge_template"] == os.path.join(here, "judge.txt")
+    assert pipeline.stage_config(p, "ppo").ppo.reward_adapter == str(tmp_path / "reward" / "adapter")
+    assert pipeline.stage_config(p, "dpo").data.train == pipeline.label_files(str(tmp_path))["train"]
+    assert len(pipeline.eval_settings(p["eval"])["prompts"]) == 256
