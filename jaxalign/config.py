@@ -8,7 +8,6 @@ tiny model, tokenizer and data), so quickstart configs work from any directory.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import json
 import os
@@ -19,7 +18,8 @@ from typing import Any
 
 import yaml
 
-from jaxalign.errors import ConfigError
+from jaxalign.data.formats import COLUMNS
+from jaxalign.errors import ConfigError, closest
 from jaxalign.parallel.mesh import MeshConfig
 from jaxalign.paths import inside
 
@@ -32,9 +32,9 @@ class ModelSection:
     config: str | None = None  # a config.json (or its directory) to initialize random weights from, instead of path
     tokenizer: str | None = None  # tokenizer directory (default: path, else config's directory)
     dtype: str = "float32"  # dtype the params are kept in: float32, bfloat16, float16
-    compute_dtype: str = "float32"  # activation dtype of the forward pass
+    compute_dtype: str = "auto"  # activation dtype of the forward pass; auto: bfloat16 on GPU/TPU, float32 on CPU
     remat: str = "none"  # per-layer rematerialization (recompute activations in the backward pass)
-    attention_impl: str | None = None  # attention kernel (null: chosen per platform)
+    attention_impl: str | None = "auto"  # attention kernel; auto (or null): cudnn on NVIDIA GPUs, splash on TPU, else xla
     seed: int = 0  # seed of random initialization (model.config) and of new heads / LoRA adapters
 
 
@@ -54,6 +54,9 @@ class DataSection:
     completion_only_loss: bool = True  # loss on the completion / assistant turns only (false: every token)
     max_eval_examples: int | None = 512  # eval on at most this many examples (null: all)
     on_bad_row: str = "drop"  # unusable rows (missing field, wrong type): drop and count them, or error
+    columns: dict[str, str] | None = None  # our column name -> the dataset's, e.g. {prompt: question, chosen: resp_j}
+    system_prompt: str | None = None  # system message put before conversations (a row's system column wins)
+    min_score_gap: float | None = None  # drop pairs with score_chosen - score_rejected below this (null: keep all)
 
 
 @dataclasses.dataclass
@@ -140,7 +143,7 @@ class PPOSection:
     train.batch_size sequences each. Reward: reward_model (an HF *ForSequenceClassification
     dir, read at the last response token) or reward_fn ("module:function" called with
     (prompts, completions) -> scores; a list of them: the reward is their sum weighted by
-    reward_weights, each logged as rollout/rewards/<function name>). GRPO: loss_type picks
+    reward_weights, each logged as rewards/<function name>/mean). GRPO: loss_type picks
     TRL's aggregation (grpo: sequence mean; bnpo: token mean of the minibatch; dr_grpo:
     token sum / (sequences x response_length); dapo: token sum / the rollout's tokens per
     minibatch). LoRA dropout is off in RL updates (the old log-probs are computed without
@@ -205,16 +208,19 @@ class RewardSection:
 
 @dataclasses.dataclass
 class DPOSection:
-    """`algorithm: dpo`: the DPO family (see `jaxalign.losses.dpo` for every loss_type).
+    """`algorithm: dpo`: the DPO family (see `jaxalign.losses.dpo` for every loss_type),
+    ORPO included: loss_type orpo = the chosen NLL + beta x the odds-ratio term (beta is
+    ORPO's lambda, TRL's ORPOConfig.beta), no reference.
 
     reference: where the reference log-probs come from. "auto": none for reference-free
-    loss types (simpo), "adapters_off" under LoRA (the same params with adapters switched
+    loss types (simpo, orpo), "adapters_off" under LoRA (the same params with adapters switched
     off: no extra memory), else "frozen_copy" (one extra copy of the weights on device).
     "precomputed" (or precompute_ref_logps: true) runs the initial model over the train and
     eval data once before training and stores each pair's reference log-probs, so no
     reference weights are used during training. simpo_gamma: SimPO's target margin;
     discopop_tau: DiscoPOP's temperature. max_prompt_length: prompts are cut from the left
-    to this many tokens (None: no cut).
+    to this many tokens (None: no cut). margin_from_scores: an offset from the data's
+    score_chosen / score_rejected columns (ODPO): a pair whose scores differ more must win by more.
     """
 
     beta: float = 0.1  # strength of the implicit KL to the reference
@@ -223,16 +229,54 @@ class DPOSection:
     simpo_gamma: float = 0.5  # SimPO's target margin
     discopop_tau: float = 0.05  # DiscoPOP's temperature
     rpo_alpha: float = 0.0  # weight of the chosen reply's per-token NLL added to the loss (RPO; 0 = off)
+    margin_from_scores: float = 0.0  # sigmoid: -log sigmoid(beta*h - this*(score_chosen - score_rejected)); 0 = off
     reference: str = "auto"  # where reference log-probs come from (see above)
     precompute_ref_logps: bool = False  # same as reference: precomputed
     max_prompt_length: int | None = None  # prompts cut from the left to this many tokens (null: no cut)
 
 
 @dataclasses.dataclass
+class KTOSection:
+    """`algorithm: kto`: KTO (Ethayarajh et al. 2024) on unpaired feedback (prompt + completion
+    + label; paired rows are split into a desirable chosen and an undesirable rejected example),
+    TRL's KTOTrainer loss. Its reference point is the batch's KL estimate from mismatched
+    prompt/completion pairs (each prompt with the previous example's completion), so
+    train.batch_size must be at least 2 per process. reference: "auto" is adapters_off under LoRA
+    (no extra memory), else frozen_copy (one extra copy of the weights). TRL suggests weights
+    with desirable_weight x #desirable / (undesirable_weight x #undesirable) in [1, 4/3].
+    """
+
+    beta: float = 0.1  # strength of the implicit KL to the reference
+    desirable_weight: float = 1.0  # weight of the desirable examples' losses
+    undesirable_weight: float = 1.0  # weight of the undesirable examples' losses
+    reference: str = "auto"  # where reference log-probs come from (see above)
+    max_prompt_length: int | None = None  # prompts cut from the left to this many tokens (null: no cut)
+
+
+@dataclasses.dataclass
+class OnlineDPOSection:
+    """`algorithm: online_dpo`: each step samples two completions per prompt (train.batch_size
+    prompts) from the current policy with the ppo section's rollout settings, ranks them with
+    a judge and takes one step of the dpo section's loss on the pairs (reference as DPO's:
+    adapters_off under LoRA, else frozen_copy; not precomputed). The judge is the ppo
+    section's reward_model / reward_adapter / reward_fn (the higher score is chosen, equal
+    scores drop the pair), or `judge`: a causal LM asked which response is better, scored by
+    the log-probability of its answer in both orders (`jaxalign label --judge`). See
+    docs/ai_feedback.md.
+    """
+
+    judge: str | None = None  # judge model (HF dir, .gguf, example:NAME); null: the ppo section's reward source
+    judge_template: str | None = None  # judge prompt with {prompt} {response_a} {response_b} {principle}, or @FILE
+    judge_chat: bool | None = None  # wrap the judge prompt in the judge's chat template (null: when it has one)
+    constitution: str | None = None  # principles file the judge's {principle} is drawn from (null: the shipped one)
+    principle: str | None = None  # judge every pair under this principle (null: drawn per pair)
+
+
+@dataclasses.dataclass
 class Config:
     """A whole run. `algorithm` picks the objective (sft, reward, dpo, ppo, ...)."""
 
-    algorithm: str = "sft"  # the objective: sft, reward, dpo, ppo, grpo, rloo
+    algorithm: str = "sft"  # the objective: sft, reward, dpo (orpo: dpo.loss_type), kto, ppo, grpo, rloo, online_dpo
     output_dir: str = "runs/default"  # run directory: checkpoints, metrics.jsonl, config.yaml, final/
     model: ModelSection = dataclasses.field(default_factory=ModelSection)
     data: DataSection = dataclasses.field(default_factory=DataSection)
@@ -245,6 +289,8 @@ class Config:
     ppo: PPOSection = dataclasses.field(default_factory=PPOSection)
     reward: RewardSection = dataclasses.field(default_factory=RewardSection)
     dpo: DPOSection = dataclasses.field(default_factory=DPOSection)
+    kto: KTOSection = dataclasses.field(default_factory=KTOSection)
+    online_dpo: OnlineDPOSection = dataclasses.field(default_factory=OnlineDPOSection)
 
 
 SECTIONS = [f.name for f in dataclasses.fields(Config) if dataclasses.is_dataclass(f.default_factory)]
@@ -255,6 +301,7 @@ _CHOICES = {
     "optim.schedule": ("cosine", "linear", "constant"),
     "train.on_nonfinite": ("stop", "skip"),
     "model.remat": ("none", "full", "dots", "dots_no_batch"),
+    "model.attention_impl": ("auto", "xla", "cudnn", "splash", None),
     "quantization.method": (None, "int8", "int4", "nf4"),
     "ppo.value_model": ("auto", "policy", "reward"),
     "ppo.prompt_truncation": ("left", "skip"),
@@ -262,8 +309,9 @@ _CHOICES = {
     "ppo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "ppo.scale_rewards": ("group", "batch", "none"),
     "dpo.reference": ("auto", "adapters_off", "frozen_copy", "precomputed"),
+    "kto.reference": ("auto", "adapters_off", "frozen_copy"),
     "dpo.loss_type": ("sigmoid", "hinge", "ipo", "robust", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-                      "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop"),
+                      "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "orpo"),
 }
 
 
@@ -286,8 +334,8 @@ def builtin_path(path: str | None) -> str | None:
 
 def _suggest(key: str, valid: list[str], where: str) -> str:
     prefix = f"{where}." if where else ""
-    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-    return f"; did you mean '{prefix}{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    close = closest(key, valid)
+    return f"; did you mean '{prefix}{close}'?" if close else f"; valid keys: {', '.join(valid)}"
 
 
 def _coerce(value: Any, tp: Any, where: str) -> Any:
@@ -383,6 +431,11 @@ def _validate(cfg: Config) -> None:
                           "of optim.learning_rate)")
     if o.warmup_steps < 0:
         raise ConfigError(f"optim.warmup_steps={o.warmup_steps} must be >= 0")
+    for name in cfg.data.columns or {}:
+        if name not in COLUMNS:
+            raise ConfigError(f"unknown key 'data.columns.{name}'{_suggest(str(name), list(COLUMNS), 'data.columns')}")
+    if cfg.dpo.margin_from_scores and cfg.dpo.loss_type != "sigmoid":
+        raise ConfigError(f"dpo.margin_from_scores works with dpo.loss_type=sigmoid only, got {cfg.dpo.loss_type!r}")
     if cfg.dpo.rpo_alpha < 0:
         raise ConfigError(f"dpo.rpo_alpha={cfg.dpo.rpo_alpha} must be >= 0 (0 = no NLL term)")
     if cfg.model.path is None and cfg.model.config is None:

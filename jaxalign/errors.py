@@ -1,5 +1,15 @@
 """Exceptions that say what is wrong and what to do about it."""
 
+import difflib
+from collections.abc import Iterable
+
+
+def closest(name: str, valid: Iterable[str], cutoff: float = 0.5) -> str | None:
+    """The entry of `valid` most like `name` (difflib ratio >= `cutoff`), or None: the
+    "did you mean" of an error message."""
+    match = difflib.get_close_matches(str(name), list(valid), n=1, cutoff=cutoff)
+    return match[0] if match else None
+
 
 class JaxalignError(Exception):
     """Base class of jaxalign's user-facing errors."""

@@ -46,11 +46,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.algos.constitutional import batch_multiple, pad_token_id, read_prompts, stop_token_ids, use_chat
+from jaxalign.algos.constitutional import read_prompts, use_chat
 from jaxalign.algos.rollout import (Prompts, RewardModel, RolloutSettings, call_reward_fn, decode_responses,
-                                    left_pad, load_prompts, load_reward_fn, response_logprobs, sample)
+                                    load_prompts, load_reward_fn, response_logprobs, sample)
 from jaxalign.data import arithmetic
 from jaxalign.errors import ConfigError, DataError
+from jaxalign.parallel.rules import batch_size_multiple
+from jaxalign.sampling import left_pad, pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -98,17 +100,17 @@ def greedy_completions(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *,
                        batch_size: int) -> Completions:
     """Greedy decoding in fixed-shape batches (one compile): every batch is left-padded to the
     longest prompt rounded up to 16 tokens, and the last batch is filled with copies of its first row."""
-    stop = stop_token_ids(model, tokenizer)
-    pad = pad_token_id(model, tokenizer, stop)
+    stop = stop_token_ids(model.config, tokenizer)
+    pad = pad_token_id(model.config, tokenizer, stop)
     p = -(-max(len(r) for r in prompt_ids) // 16) * 16
-    m = batch_multiple(model)
+    m = batch_size_multiple(model.mesh)
     batch = -(-max(1, min(batch_size, len(prompt_ids))) // m) * m
     settings = RolloutSettings(prompt_length=p, response_length=max_new_tokens, temperature=1.0,
                                eos_token_ids=stop, pad_token_id=pad)
     parts = []
     for s in range(0, len(prompt_ids), batch):
         chunk = list(prompt_ids[s:s + batch])
-        ids, mask = left_pad(chunk + [chunk[0]] * (batch - len(chunk)), p, pad)
+        ids, mask = left_pad(chunk, pad, length=p, batch=batch)
         out = sample(model.params, model.config, ids, mask, jax.random.key(0), settings, model.mesh, greedy=True)
         parts.append({k: v[:len(chunk)] for k, v in out.items()})
     cat = {k: np.concatenate([b[k] for b in parts]) for k in ("input_ids", "attention_mask", "response_mask", "eos")}

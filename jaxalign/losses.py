@@ -9,10 +9,13 @@ from jaxalign.algos.preference_losses import (
     LENGTH_NORMALIZED_LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
     dpo,
+    kto,
+    kto_reference_point,
     length_bias_metrics,
+    orpo_log_odds,
     reward_metrics,
     reward_pairwise,
 )
 
-__all__ = ["DPO_LOSS_TYPES", "LENGTH_NORMALIZED_LOSS_TYPES", "REFERENCE_FREE_LOSS_TYPES", "dpo",
-           "length_bias_metrics", "reward_metrics", "reward_pairwise"]
+__all__ = ["DPO_LOSS_TYPES", "LENGTH_NORMALIZED_LOSS_TYPES", "REFERENCE_FREE_LOSS_TYPES", "dpo", "kto",
+           "kto_reference_point", "length_bias_metrics", "orpo_log_odds", "reward_metrics", "reward_pairwise"]

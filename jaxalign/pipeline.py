@@ -14,6 +14,10 @@ overrides))`, with its `output_dir` under the pipeline's and model/data paths ch
             (a LoRA reward stage: one shared base) or ppo.reward_model=OUT/reward/final
     dpo     output_dir=OUT/dpo     model.path=OUT/sft/final  [data.train/eval = the label files]
     grpo    (optional) output_dir=OUT/grpo  model.path=OUT/sft/final
+    iterative_dpo (optional) `rounds` rounds; round r samples from the previous round's policy
+            (OUT/sft/final for round 1), labels the samples with the stage's judge as the label
+            stage does (OUT/iterative_dpo/r/label/) and trains DPO on that round's pairs:
+            output_dir=OUT/iterative_dpo/r  model.path=<the previous policy>  data.train=<its pairs>
 
 (the stage's own `overrides` from the pipeline file are applied after these, so they win).
 A stage that already finished resumes from its last checkpoint and only re-exports; a
@@ -21,7 +25,8 @@ label stage whose summary.json records the same settings is not redone.
 
 The table (printed, and written as OUT/table.md and OUT/table.json) compares base (the SFT
 stage's starting point: its `model.path`, or the random initialization from
-`model.config`), SFT and every policy stage on held-out prompts
+`model.config`), SFT and every policy stage (one row per iterative DPO round:
+`iterative_dpo/1`, ...) on held-out prompts
 (`jaxalign.evaluate.evaluate_models`, the reference being SFT): accuracy (the checker's
 mean score of greedy completions), any extra metrics, mean response length, the trained
 reward model's mean score, and KL to SFT (a single-sample estimate of KL(model || SFT) along
@@ -40,6 +45,8 @@ Pipeline file::
       ppo:    {config: ppo.yaml}
       dpo:    {config: dpo.yaml}
       grpo:   {config: grpo.yaml}                                # optional
+      iterative_dpo: {config: dpo.yaml, rounds: 2, judge_fn: jaxalign.data.arithmetic:reward, num_samples: 4}
+                                  # optional; takes the label stage's keys (but self_judge_rows) for its judge
     eval: {task: arithmetic, max_examples: 256}   # or data + checker (+ metrics, chat)
 """
 
@@ -47,7 +54,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -55,16 +61,18 @@ import time
 from collections.abc import Mapping, Sequence
 
 from jaxalign import evaluate
-from jaxalign.errors import ConfigError
+from jaxalign.errors import ConfigError, closest
 
 log = logging.getLogger(__name__)
 
-STAGES = ("sft", "label", "reward", "ppo", "dpo", "grpo")  # in the order they run
+STAGES = ("sft", "label", "reward", "ppo", "dpo", "grpo", "iterative_dpo")  # in the order they run
 REQUIRED = ("sft", "reward", "ppo", "dpo")
 POLICIES = {"sft": "SFT", "ppo": "PPO", "dpo": "DPO", "grpo": "GRPO"}  # stages evaluated in the table
 COLUMN_TITLES = {"accuracy": "held-out accuracy", "mean_reward": "mean reward", "kl_to_sft": "KL to SFT",
                  "mean_length": "mean length"}
 _STAGE_KEYS = ("config", "overrides", "steps")
+ITERATIVE = "iterative_dpo"
+_ROUND_KEYS = (*_STAGE_KEYS, "rounds")  # + the label stage's keys but self_judge_rows (its judge)
 _LABEL_DEFAULTS = {"judge_fn": None, "judge": None, "judge_template": None, "data": None, "eval_data": None,
                    "split": "train", "max_rows": 512, "eval_max_rows": 64, "num_samples": 4, "temperature": 1.0,
                    "max_new_tokens": 32, "batch_size": 16, "seed": 0, "self_judge_rows": 0}
@@ -77,8 +85,8 @@ _TOP_KEYS = ("output_dir", "stages", "eval")
 
 
 def _unknown(key, valid, where):
-    close = difflib.get_close_matches(str(key), list(valid), n=1, cutoff=0.5)
-    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(valid)}"
+    close = closest(key, valid)
+    hint = f"; did you mean '{close}'?" if close else f"; valid keys: {', '.join(valid)}"
     return ConfigError(f"pipeline: unknown key '{where}{key}'{hint}")
 
 
@@ -89,26 +97,29 @@ def _local(path: str, base: str) -> str:
     return path
 
 
-def _label_stage(st, base: str) -> dict:
+def _label_stage(st, base: str, where: str = "stages.label", extra: tuple[str, ...] = ()) -> dict:
+    """The label settings of `st` (a stage mapping at `where`) with defaults, checked; `extra`:
+    the stage's other keys, left out of the result."""
     if not isinstance(st, Mapping):
-        raise ConfigError("pipeline: stages.label must be a mapping (judge_fn or judge, num_samples, max_rows, ...)")
+        raise ConfigError(f"pipeline: {where} must be a mapping (judge_fn or judge, num_samples, max_rows, ...)")
+    valid = tuple(k for k in _LABEL_DEFAULTS if not extra or k != "self_judge_rows") + extra
     for key in st:
-        if key not in _LABEL_DEFAULTS:
-            raise _unknown(key, tuple(_LABEL_DEFAULTS), "stages.label.")
-    out = {**_LABEL_DEFAULTS, **st}
+        if key not in valid:
+            raise _unknown(key, valid, f"{where}.")
+    out = {**_LABEL_DEFAULTS, **{k: v for k, v in st.items() if k not in extra}}
     if (out["judge_fn"] is None) == (out["judge"] is None):
-        raise ConfigError("pipeline: stages.label needs exactly one judge: judge_fn (module:function, e.g. a task "
-                          "checker) or judge (a judge model directory, or 'policy' for the SFT model itself)")
+        raise ConfigError(f"pipeline: {where} needs exactly one judge: judge_fn (module:function, e.g. a task "
+                          "checker) or judge (a judge model directory, or 'policy' for the model being labeled)")
     if out["self_judge_rows"] and out["judge_fn"] is None:
-        raise ConfigError("pipeline: stages.label.self_judge_rows compares the SFT model as judge with judge_fn; "
+        raise ConfigError(f"pipeline: {where}.self_judge_rows compares the SFT model as judge with judge_fn; "
                           "set judge_fn")
     if out["num_samples"] != 2 and out["judge"] is not None:
-        raise ConfigError("pipeline: stages.label with a judge model compares pairs: set num_samples: 2, or use "
+        raise ConfigError(f"pipeline: {where} with a judge model compares pairs: set num_samples: 2, or use "
                           "judge_fn for best-vs-worst of more samples")
     if out["judge_template"] is not None:
         out["judge_template"] = _local(str(out["judge_template"]), base)
         if not os.path.isfile(out["judge_template"]):
-            raise ConfigError(f"pipeline: stages.label.judge_template {st['judge_template']!r} does not exist")
+            raise ConfigError(f"pipeline: {where}.judge_template {st['judge_template']!r} does not exist")
     return out
 
 
@@ -150,6 +161,13 @@ def load_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> 
             continue
         if not isinstance(st, Mapping) or not st.get("config"):
             raise ConfigError(f"pipeline: stages.{name} is missing 'config' (the stage's training YAML)")
+        label = None
+        if name == ITERATIVE:
+            label = _label_stage(st, base, f"stages.{name}", _ROUND_KEYS)
+            rounds = st.get("rounds", 1)
+            if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+                raise ConfigError(f"pipeline: stages.{name}.rounds must be a positive integer, got {rounds!r}")
+            st = {k: v for k, v in st.items() if k in _STAGE_KEYS}
         for key in st:
             if key not in _STAGE_KEYS:
                 raise _unknown(key, _STAGE_KEYS, f"stages.{name}.")
@@ -163,6 +181,8 @@ def load_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> 
         if st.get("steps") is not None:
             ov = [*ov, f"train.steps={int(st['steps'])}"]
         out["stages"][name] = {"config": cfg_path, "overrides": list(ov)}
+        if label is not None:
+            out["stages"][name].update(rounds=rounds, label=label)
     ev = d.get("eval") or {}
     for key, value in ev.items():
         if key not in _EVAL_DEFAULTS:
@@ -172,6 +192,12 @@ def load_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> 
         raise ConfigError(f"pipeline: eval.task {out['eval']['task']!r} unknown; use one of "
                           f"{', '.join(sorted(evaluate.TASKS))} (or eval.data + eval.checker)")
     return out
+
+
+def round_names(p: dict) -> list[str]:
+    """The training runs of the iterative DPO stage: `iterative_dpo/1`, ... (none without it)."""
+    st = p["stages"].get(ITERATIVE)
+    return [f"{ITERATIVE}/{r}" for r in range(1, st["rounds"] + 1)] if st else []
 
 
 def label_files(out_dir: str) -> dict:
@@ -187,6 +213,13 @@ def stage_overrides(p: dict, name: str, out_dir: str, reward_lora: bool = False)
     run = lambda s: os.path.join(out_dir, s)  # noqa: E731
     sft_final = os.path.join(run("sft"), "final")
     chain = [] if name == "sft" else [f"model.path={sft_final}"]
+    if name.startswith(f"{ITERATIVE}/"):  # round r: from round r - 1's policy, on round r's pairs
+        r = int(name.split("/")[1])
+        start = sft_final if r == 1 else os.path.join(run(f"{ITERATIVE}/{r - 1}"), "final")
+        files = label_files(run(name))
+        has_eval = p["stages"][ITERATIVE]["label"]["eval_max_rows"] and _label_sources(p, ITERATIVE)[1] is not None
+        chain = [f"model.path={start}", f"data.train={files['train']}",
+                 f"data.eval={files['eval'] if has_eval else 'null'}"]
     if name == "ppo":
         reward = (["ppo.reward_adapter=" + os.path.join(run("reward"), "adapter"), "ppo.reward_model=null"]
                   if reward_lora else
@@ -194,7 +227,7 @@ def stage_overrides(p: dict, name: str, out_dir: str, reward_lora: bool = False)
         chain += [*reward, "ppo.reward_fn=null"]
     if name in ("reward", "dpo") and "label" in p["stages"]:
         files = label_files(out_dir)
-        has_eval = p["stages"]["label"]["eval_max_rows"] and _label_sources(p)[1] is not None
+        has_eval = p["stages"]["label"]["eval_max_rows"] and _label_sources(p, "label")[1] is not None
         chain += [f"data.train={files['train']}", f"data.eval={files['eval'] if has_eval else 'null'}"]
     return [f"output_dir={run(name)}", "train.export=true", *chain]
 
@@ -202,7 +235,7 @@ def stage_overrides(p: dict, name: str, out_dir: str, reward_lora: bool = False)
 def stage_config(p: dict, name: str):
     from jaxalign.config import load_config
 
-    st = p["stages"][name]
+    st = p["stages"][name.split("/")[0]]
     out_dir = os.path.abspath(p["output_dir"])
     reward_lora = False
     if name == "ppo":
@@ -213,11 +246,11 @@ def stage_config(p: dict, name: str):
 # ---------------------------------------------------------------------------- the label stage
 
 
-def _label_sources(p: dict) -> tuple[str, str | None]:
-    """The label stage's prompt sources: its own `data` / `eval_data`, else the SFT stage's."""
+def _label_sources(p: dict, stage: str) -> tuple[str, str | None]:
+    """The prompt sources of `stage`'s labeling: its own `data` / `eval_data`, else the SFT stage's."""
     from jaxalign.config import load_config
 
-    st = p["stages"]["label"]
+    st = p["stages"][stage] if stage == "label" else p["stages"][stage]["label"]
     if st["data"] is not None and st["eval_data"] is not None:
         return st["data"], st["eval_data"]
     sft = load_config(p["stages"]["sft"]["config"], p["stages"]["sft"]["overrides"])
@@ -228,20 +261,24 @@ def run_label_stage(p: dict, out_dir: str) -> dict:
     """Sample candidates from OUT/sft/final for the train (and eval) prompts, label them, write
     the files of :func:`label_files`; optionally measure how far the SFT model, as its own
     judge, agrees with `judge_fn`. Returns the summary (also OUT/label/summary.json)."""
+    return label_policy(p["stages"]["label"], os.path.join(out_dir, "sft", "final"), label_files(out_dir),
+                        *_label_sources(p, "label"))
+
+
+def label_policy(st: dict, policy: str, files: dict, train_data: str, eval_data: str | None) -> dict:
+    """Sample candidates from the model in `policy` for the train (and eval) prompts, label them
+    per the label settings `st` and write `files` (:func:`label_files`); a summary whose
+    settings are the same is not redone. Returns the summary (also `files["summary"]`)."""
     from jaxalign.algos import rlaif
 
-    st = p["stages"]["label"]
-    files = label_files(out_dir)
-    sft_final = os.path.join(out_dir, "sft", "final")
-    train_data, eval_data = _label_sources(p)
     settings = dict(st)
     if os.path.exists(files["summary"]):
         with open(files["summary"]) as f:
             done = json.load(f)
         if done.get("settings") == settings and all(os.path.exists(files[k]) for k in done.get("files", [])):
-            log.info("pipeline stage label: already done (%s)", files["summary"])
+            log.info("pipeline: labels of %s already done (%s)", policy, files["summary"])
             return done
-    judge = None if st["judge"] is None else sft_final if st["judge"] == "policy" else st["judge"]
+    judge = None if st["judge"] is None else policy if st["judge"] == "policy" else st["judge"]
     sample = dict(max_new_tokens=st["max_new_tokens"], temperature=st["temperature"], batch_size=st["batch_size"])
     template = None
     if st["judge_template"] is not None:
@@ -249,19 +286,19 @@ def run_label_stage(p: dict, out_dir: str) -> dict:
             template = f.read()
     judging = dict(settings=rlaif.JudgeSettings(template=template, batch_size=st["batch_size"], seed=st["seed"]))
     summary: dict = {"settings": settings, "files": ["train"]}
-    summary["train"] = rlaif.label(judge, train_data, files["train"], judge_fn=st["judge_fn"], policy_dir=sft_final,
+    summary["train"] = rlaif.label(judge, train_data, files["train"], judge_fn=st["judge_fn"], policy_dir=policy,
                                    num_samples=st["num_samples"], max_rows=st["max_rows"], split=st["split"],
                                    sample=sample, **judging)
     if st["eval_max_rows"] and eval_data is not None:
         judging["settings"] = dataclasses.replace(judging["settings"], seed=st["seed"] + 1)
-        summary["eval"] = rlaif.label(judge, eval_data, files["eval"], judge_fn=st["judge_fn"], policy_dir=sft_final,
+        summary["eval"] = rlaif.label(judge, eval_data, files["eval"], judge_fn=st["judge_fn"], policy_dir=policy,
                                       num_samples=st["num_samples"], max_rows=st["eval_max_rows"], split=st["split"],
                                       sample=sample, **judging)
         summary["files"].append("eval")
     if st["self_judge_rows"]:
         judging["settings"] = dataclasses.replace(judging["settings"], seed=st["seed"] + 2)
-        summary["self_judge"] = rlaif.label(sft_final, train_data, files["self_judged"], agreement_fn=st["judge_fn"],
-                                            policy_dir=sft_final, max_rows=st["self_judge_rows"], split=st["split"],
+        summary["self_judge"] = rlaif.label(policy, train_data, files["self_judged"], agreement_fn=st["judge_fn"],
+                                            policy_dir=policy, max_rows=st["self_judge_rows"], split=st["split"],
                                             sample=sample, **judging)
         summary["files"].append("self_judged")
     evaluate.write_text(files["summary"], json.dumps(summary, indent=2, default=str) + "\n")
@@ -346,7 +383,7 @@ def plot_stages(run_dirs: Mapping[str, str], out: str) -> str:
             for k, v in r.items():
                 if k.startswith("eval/") and isinstance(v, (int, float)) and not isinstance(v, bool):
                     evals.setdefault(k, []).append((r["step"], v))
-        train, score, kl = (_series(records, k) for k in ("loss", "rollout/score", "rollout/kl"))
+        train, score, kl = (_series(records, k) for k in ("loss", "rollout/score", "objective/kl"))
         if score:  # RL stages: the rollouts' mean reward and KL to the start model (the loss says little)
             row[0].plot(*zip(*score), color="C0")
             if kl:
@@ -371,6 +408,16 @@ def plot_stages(run_dirs: Mapping[str, str], out: str) -> str:
 # ---------------------------------------------------------------------------- running it
 
 
+def label_round(p: dict, name: str, out_dir: str) -> dict:
+    """Round `name` (`iterative_dpo/r`) of the iterative DPO stage: samples of the policy it
+    starts from, labeled by the stage's judge (seed + r - 1) into OUT/iterative_dpo/r/label/."""
+    st = p["stages"][ITERATIVE]["label"]
+    r = int(name.split("/")[1])
+    start = os.path.join(out_dir, "sft" if r == 1 else f"{ITERATIVE}/{r - 1}", "final")
+    return label_policy(dict(st, seed=st["seed"] + r - 1), start, label_files(os.path.join(out_dir, name)),
+                        *_label_sources(p, ITERATIVE))
+
+
 def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> dict:
     """Run every stage, evaluate, write OUT/table.md, OUT/table.json and OUT/curves.png.
     Returns {"rows": [...], "table": markdown, "stages": {...}, "files": {...}, "seconds": ...}."""
@@ -384,16 +431,23 @@ def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> d
     t_start = time.time()
     p = load_pipeline(path, overrides)
     out_dir = os.path.abspath(p["output_dir"])
-    training = [n for n in p["stages"] if n != "label"]
+    training = [n for n in p["stages"] if n not in ("label", ITERATIVE)] + round_names(p)  # the training runs
     configs = {name: stage_config(p, name) for name in training}  # validate every stage before running any
     ev = p["eval"]
-    for fn in [ev["checker"], *(ev["metrics"] or {}).values(), p["stages"].get("label", {}).get("judge_fn")]:
+    for fn in [ev["checker"], *(ev["metrics"] or {}).values(), p["stages"].get("label", {}).get("judge_fn"),
+               p["stages"].get(ITERATIVE, {}).get("label", {}).get("judge_fn")]:
         if isinstance(fn, str):
             evaluate.resolve(fn, "pipeline function")  # a bad module:function fails before any training
     os.makedirs(out_dir, exist_ok=True)
     stages = {}
-    for name in p["stages"]:
+    for name in [n for n in p["stages"] if n != ITERATIVE] + round_names(p):
         t0 = time.time()
+        if name.startswith(f"{ITERATIVE}/"):  # label samples of the previous round's policy first
+            label = label_round(p, name, out_dir)
+            stages[f"{name}/label"] = {"output_dir": os.path.join(out_dir, name, "label"),
+                                       "seconds": round(time.time() - t0, 1),
+                                       "summary": {k: v for k, v in label.items() if k != "settings"}}
+            t0 = time.time()
         if name == "label":
             log.info("pipeline stage label: sampling and labeling preference pairs from %s", out_dir)
             summary = run_label_stage(p, out_dir)
@@ -401,8 +455,8 @@ def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> d
                             "summary": {k: v for k, v in summary.items() if k != "settings"}}
             continue
         cfg = configs[name]
-        log.info("pipeline stage %s: %s (%d steps) -> %s", name, p["stages"][name]["config"], cfg.train.steps,
-                 cfg.output_dir)
+        log.info("pipeline stage %s: %s (%d steps) -> %s", name, p["stages"][name.split("/")[0]]["config"],
+                 cfg.train.steps, cfg.output_dir)
         metrics = train(cfg)
         stages[name] = {"output_dir": cfg.output_dir, "algorithm": cfg.algorithm, "steps": cfg.train.steps,
                         "seconds": round(time.time() - t0, 1),
@@ -419,6 +473,7 @@ def run_pipeline(path: str | Mapping | None, overrides: Sequence[str] = ()) -> d
     sft_model = load_model(final["sft"])
     models = {"base": build_model(configs["sft"], None), "SFT": sft_model}  # base: where the SFT stage started
     models.update({POLICIES[n]: load_model(final[n]) for n in training if n in POLICIES and n != "sft"})
+    models.update({n: load_model(final[n]) for n in round_names(p)})
     rows = evaluate.evaluate_models(models, tokenizer, prompts, checker=settings["checker"],
                                     metrics=settings["metrics"], reward_model=final["reward"], reference=sft_model,
                                     reference_name="sft", chat=settings["chat"],
@@ -461,5 +516,6 @@ def run(args) -> dict:
     return result
 
 
-__all__ = ["POLICIES", "REQUIRED", "STAGES", "eval_settings", "format_table", "label_files", "load_pipeline",
-           "plot_stages", "run_label_stage", "run_pipeline", "stage_overrides", "table_columns"]
+__all__ = ["ITERATIVE", "POLICIES", "REQUIRED", "STAGES", "eval_settings", "format_table", "label_files",
+           "label_policy", "label_round", "load_pipeline", "plot_stages", "round_names", "run_label_stage",
+           "run_pipeline", "stage_overrides", "table_columns"]

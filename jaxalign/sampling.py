@@ -44,7 +44,7 @@ from jaxalign.errors import CheckpointError, ConfigError, ShardingError
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.llama import KVCache, hidden_states_cached, init_cache, unembed
 from jaxalign.models.model import Model, _TreeKey, positions_from_mask
-from jaxalign.parallel.rules import batch_sharding
+from jaxalign.parallel.rules import batch_sharding, batch_size_multiple
 
 
 @struct.dataclass
@@ -299,7 +299,7 @@ def generate(model: Model | tuple[Any, ModelConfig], input_ids, attention_mask, 
             "lower max_new_tokens or truncate the prompt")
     shardings = None
     if mesh is not None:
-        n = int(np.prod([mesh.shape[a] for a in batch_sharding(mesh, 2).spec[0]]))
+        n = batch_size_multiple(mesh)
         if ids.shape[0] % n:
             raise ShardingError(f"batch size {ids.shape[0]} is not divisible by the mesh's data x fsdp size {n}; "
                                 "pad the batch to a multiple of it")
@@ -374,17 +374,26 @@ def _read_prompts(args) -> list[str]:
     return prompts
 
 
-def _stop_ids(model_dir: str, config: ModelConfig, tokenizer) -> tuple[int, ...]:
-    """Stop tokens: the config's eos ids, generation_config.json's, and the tokenizer's."""
+def stop_token_ids(config: ModelConfig, tokenizer, model_dir: str | None = None) -> tuple[int, ...]:
+    """Stop tokens: the config's eos ids, those of `model_dir`'s generation_config.json (when
+    given) and the tokenizer's, in that order, without duplicates or ids outside the vocabulary."""
     ids = list(config.eos_token_ids)
-    path = os.path.join(model_dir, "generation_config.json")
-    if os.path.exists(path):
+    path = os.path.join(model_dir, "generation_config.json") if model_dir else None
+    if path and os.path.exists(path):
         with open(path) as f:
             eos = json.load(f).get("eos_token_id")
         ids += [eos] if isinstance(eos, int) else list(eos or [])
-    if tokenizer.eos_token_id is not None:
-        ids.append(tokenizer.eos_token_id)
-    return tuple(dict.fromkeys(int(i) for i in ids))
+    ids.append(tokenizer.eos_token_id)
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= i < config.vocab_size))
+
+
+def pad_token_id(config: ModelConfig, tokenizer, stop: Sequence[int] = ()) -> int:
+    """The pad id: the tokenizer's when it is inside the vocabulary (some tokenizers add one
+    beyond it), else the config's, else the first stop token, else 0."""
+    pad = tokenizer.pad_token_id
+    if pad is None or not 0 <= pad < config.vocab_size:
+        pad = config.pad_token_id if config.pad_token_id is not None else (stop[0] if stop else 0)
+    return int(pad)
 
 
 def _encode(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
@@ -397,13 +406,19 @@ def _encode(tokenizer, prompts: list[str], chat: bool) -> list[list[int]]:
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def _left_pad(rows: list[list[int]], pad: int, batch: int, multiple: int = 16):
-    """[batch, P] ids + mask, left-padded; P rounded up to `multiple` (fewer recompiles); dummy rows fill."""
-    p = -(-max(len(r) for r in rows) // multiple) * multiple
-    ids = np.full((batch, p), pad, np.int32)
-    mask = np.zeros((batch, p), np.int32)
-    for i, r in enumerate(rows + [rows[0]] * (batch - len(rows))):
-        ids[i, p - len(r):], mask[i, p - len(r):] = r, 1
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int, *, length: int | None = None, batch: int | None = None,
+             multiple: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """`[batch, length]` int32 ids and mask (1 = real) with every row right-aligned (left
+    padding). `length` defaults to the longest row rounded up to `multiple` (fewer
+    recompiles); `batch` to `len(rows)`, missing rows repeat row 0 (fillers for a fixed shape)."""
+    if length is None:
+        length = -(-max(len(r) for r in rows) // multiple) * multiple
+    batch = len(rows) if batch is None else batch
+    ids = np.full((batch, length), pad_id, np.int32)
+    mask = np.zeros((batch, length), np.int32)
+    for i, r in enumerate(list(rows) + [rows[0]] * (batch - len(rows))):
+        if len(r):
+            ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
     return ids, mask
 
 
@@ -450,14 +465,12 @@ def run(args: argparse.Namespace) -> list[str]:
         mesh = ja.make_mesh(sizes)
     model, tokenizer = load_for_inference(args.model, args.adapter, dtype=args.dtype,
                                           compute_dtype=args.compute_dtype, mesh=mesh)
-    stop = _stop_ids(args.model, model.config, tokenizer)
-    pad = tokenizer.pad_token_id
-    if pad is None or not 0 <= pad < model.config.vocab_size:  # some tokenizers add a pad beyond the vocab
-        pad = stop[0] if stop else 0
+    stop = stop_token_ids(model.config, tokenizer, args.model)
+    pad = pad_token_id(model.config, tokenizer, stop)
     rows = _encode(tokenizer, prompts, args.chat)
     batch = args.batch_size if len(prompts) > 1 else 1
     if mesh is not None:
-        n = int(np.prod([mesh.shape[a] for a in batch_sharding(mesh, 2).spec[0]]))
+        n = batch_size_multiple(mesh)
         batch = -(-batch // n) * n
     settings = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                     top_p=args.top_p, greedy=args.greedy, eos_token_ids=stop, pad_token_id=pad)
@@ -469,7 +482,7 @@ def run(args: argparse.Namespace) -> list[str]:
 
     for start in range(0, len(rows), batch):
         chunk = rows[start:start + batch]
-        ids, mask = _left_pad(chunk, pad, batch)
+        ids, mask = left_pad(chunk, pad, batch=batch, multiple=16)
         rng, key = jax.random.split(rng)
         if len(prompts) == 1:
             shown = [""]
@@ -504,4 +517,5 @@ def _length(tokens: np.ndarray, stop: tuple[int, ...]) -> int:
 generate_cli = run
 
 __all__ = ["DecodeState", "GenerationOutput", "SamplingSettings", "add_arguments", "decode", "decode_logits",
-           "generate", "generate_cli", "load_for_inference", "prefill", "run", "sample"]
+           "generate", "generate_cli", "left_pad", "load_for_inference", "pad_token_id", "prefill", "run", "sample",
+           "stop_token_ids"]

@@ -213,6 +213,18 @@ def test_non_string_completion_is_named(env, capsys):
     fails_cleanly(argv, capsys, out, "field 'completion' must be a string or a list of {role, content} messages, got int 3")
 
 
+@pytest.mark.parametrize("extra,needle", [
+    (["data.columns={promt: question}"], "unknown key 'data.columns.promt'; did you mean 'data.columns.prompt'?"),
+    (["data.columns={prompt: questoin, completion: answer}"],
+     "data.columns.prompt='questoin': the dataset has no column 'questoin'; did you mean 'question'?"),
+    (["algorithm=kto", "kto.beta=0"], "kto.beta must be > 0"),
+])
+def test_column_mapping_and_kto_settings_are_named(env, capsys, extra, needle):
+    tmp, argv, out = env
+    write_jsonl(tmp / "train.jsonl", [{"question": r["prompt"], "answer": r["completion"]} for r in ROWS])
+    fails_cleanly(argv + extra, capsys, out, needle)
+
+
 def test_failed_start_creates_no_run_directory(env, capsys):
     tmp, argv, _ = env
     (tmp / "train.jsonl").write_text("")
@@ -305,9 +317,9 @@ def test_ctrl_c_says_where_to_resume(env, capsys, monkeypatch):
     _, argv, out = env
     calls = []
 
-    def count_tokens(batch):  # the loop's first call in each step; Ctrl-C arrives in step 3
+    def count_tokens(batch):  # once per batch; batch n+1 is made during step n, so call 4 is in step 3
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 4:
             raise KeyboardInterrupt
         return 0
 

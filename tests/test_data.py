@@ -561,3 +561,195 @@ def test_task_data_and_checker():
     assert s == {"exact_match": 0.5, "exact_match/copy": 1.0, "exact_match/reverse": 0.0}
     rng = random.Random(0)
     assert all(tasks.wrong_answer("reverse", "aba", rng) != "aba" for _ in range(50))  # palindrome
+
+
+# ----------------------------------------------------------------------------- datasets as shipped
+
+
+@pytest.fixture(scope="module")
+def chatml():
+    from tests.hf_models import chatml_tokenizer
+
+    return chatml_tokenizer()
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+SKY = "What color is the sky?"
+
+
+def decoded(tok, pair, key):
+    return tok.decode(pair[key].tolist(), skip_special_tokens=False)
+
+
+def test_every_trl_preference_layout_gives_the_same_pair(chatml):
+    """Explicit/implicit prompt, strings-in-conversations, and UltraFeedback-binarized
+    (a prompt string + whole conversations that repeat the user turn) tokenize alike."""
+    conv = {"prompt": [user(SKY)], "chosen": [assistant("It is blue.")], "rejected": [assistant("It is green.")]}
+    layouts = [
+        conv,
+        {"prompt": SKY, "chosen": [assistant("It is blue.")], "rejected": [assistant("It is green.")]},
+        {"chosen": [user(SKY), assistant("It is blue.")], "rejected": [user(SKY), assistant("It is green.")]},
+        {"prompt": SKY, "chosen": [user(SKY), assistant("It is blue.")],  # UltraFeedback-binarized
+         "rejected": [user(SKY), assistant("It is green.")]},
+    ]
+    (ref,), _ = tokenize_preference([conv], chatml, on_bad_row="error")
+    assert decoded(chatml, ref, "prompt_ids").endswith(f"user\n{SKY}<|im_end|>\n<|im_start|>assistant\n")
+    assert decoded(chatml, ref, "chosen_ids") == "It is blue.<|im_end|>\n"
+    for row in layouts[1:]:
+        (p,), _ = tokenize_preference([row], chatml, on_bad_row="error")
+        for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+            assert p[key].tolist() == ref[key].tolist(), (row, key)
+
+
+def test_prompt_disagreeing_with_the_conversation_head_is_a_row_problem(chatml):
+    ok = {"prompt": SKY, "chosen": [user(SKY), assistant("It is blue.")], "rejected": [user(SKY), assistant("Green.")]}
+    bad = {"prompt": "What color is grass?", "chosen": ok["chosen"], "rejected": ok["rejected"]}
+    pairs, stats = tokenize_preference([ok, bad], chatml)
+    assert len(pairs) == 1 and stats.drop_reasons == {"prompt_mismatch": 1}
+    with pytest.raises(DataError) as e:
+        tokenize_preference([ok, bad], chatml, on_bad_row="error")
+    msg = str(e.value)
+    assert "row 1" in msg and "'chosen'" in msg and "'prompt'" in msg and "template" not in msg
+    # Implicit conversations whose user turns differ: their prompts differ, not the template's fault.
+    grass = "What color is grass?"
+    rows = [{"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(grass), assistant("Green.")]},
+            {"chosen": [user(SKY), assistant("Blue."), user("Sure?"), assistant("Yes.")],
+             "rejected": [user(SKY), assistant("Blue."), user("Really?"), assistant("No.")]}]
+    _, stats = tokenize_preference(rows, chatml)
+    assert stats.drop_reasons == {"no_shared_prompt": 1, "prompt_mismatch": 1}
+    # A response that goes on with a user turn after the prompt names its column.
+    row = {"prompt": [user(SKY)], "chosen": [user("Hm?"), assistant("Blue.")], "rejected": [assistant("Green.")]}
+    with pytest.raises(DataError, match="row 0.*'chosen'.*'user'") as e:
+        tokenize_preference([row], chatml, on_bad_row="error")
+    assert "template" not in str(e.value)
+
+
+def test_template_is_blamed_only_when_it_rewrites_earlier_turns(chatml):
+    import copy
+
+    tok = copy.deepcopy(chatml)  # a template that renders the prompt differently once a reply follows
+    tok.chat_template = ("{% for m in messages %}{{ m['role'] + ':' + m['content'] + ('!' if loop.last else '') }}"
+                         "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    row = {"prompt": [user(SKY)], "chosen": [assistant("Blue.")], "rejected": [assistant("Green.")]}
+    with pytest.raises(DataError, match="chat template is not prefix-stable"):
+        tokenize_preference([row], tok)
+
+
+def test_column_mapping(chatml, tok):
+    import datasets
+
+    rows = [{"question": "copy: ab\n", "response_j": "ab", "response_k": "ba", "prompt": "ignored"}]
+    canonical = [{"prompt": "copy: ab\n", "chosen": "ab", "rejected": "ba"}]
+    columns = {"prompt": "question", "chosen": "response_j", "rejected": "response_k"}
+    (ref,), _ = tokenize_preference(canonical, tok)
+    for source in (rows, datasets.Dataset.from_list(rows)):
+        (p,), stats = tokenize_preference(source, tok, columns=columns)
+        assert stats.format == "preference"
+        assert all(p[k].tolist() == ref[k].tolist() for k in ("prompt_ids", "chosen_ids", "rejected_ids"))
+    with pytest.raises(DataError, match="'promt' is not one of our column names; did you mean 'prompt'"):
+        tokenize_preference(rows, tok, columns={"promt": "question"})
+    with pytest.raises(DataError, match="data.columns.chosen='respone_j'.*no column 'respone_j'.*did you mean "
+                                        "'response_j'"):
+        tokenize_preference(rows, tok, columns={**columns, "chosen": "respone_j"})
+    # Row errors name the dataset's columns through the mapping.
+    with pytest.raises(DataError, match="row 0.*data.columns: prompt='question', chosen='response_j'"):
+        tokenize_preference([{**rows[0], "response_j": None}], tok, columns=columns, on_bad_row="error")
+    # SFT data too.
+    (ex,), _ = tokenize_sft([{"q": "copy: ab\n", "a": "ab"}], tok, columns={"prompt": "q", "completion": "a"})
+    assert targets(tok, ex) == "ab</s>"
+
+
+def test_column_mapping_in_the_config_names_unknown_keys():
+    from jaxalign.config import load_config
+    from jaxalign.errors import ConfigError
+
+    cfg = load_config(None, ["model.config=x", "data.columns={prompt: question, system: sys}"])
+    assert cfg.data.columns == {"prompt": "question", "system": "sys"}
+    with pytest.raises(ConfigError, match="unknown key 'data.columns.rejectd'; did you mean 'data.columns.rejected'"):
+        load_config(None, ["model.config=x", "data.columns={rejectd: response_k}"])
+
+
+def test_system_prompt(chatml, tok):
+    default = "You are a helpful AI assistant named SmolLM"
+    row = {"prompt": SKY, "chosen": "It is blue.", "rejected": "It is green."}
+    (p,), _ = tokenize_preference([row], chatml)  # plain strings stay plain text
+    assert decoded(chatml, p, "prompt_ids") == SKY
+    (p,), _ = tokenize_preference([row], chatml, system_prompt="Be brief.")  # becomes a conversation
+    assert decoded(chatml, p, "prompt_ids").startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user")
+    assert decoded(chatml, p, "chosen_ids") == "It is blue.<|im_end|>\n"
+    (p,), _ = tokenize_preference([{**row, "system": "Be terse."}], chatml, system_prompt="Be brief.")  # the row wins
+    assert "Be terse." in decoded(chatml, p, "prompt_ids") and "Be brief." not in decoded(chatml, p, "prompt_ids")
+    own = {"prompt": [{"role": "system", "content": "Own."}, user(SKY)], "chosen": [assistant("Blue.")],
+           "rejected": [assistant("Green.")]}
+    (p,), _ = tokenize_preference([own], chatml, system_prompt="Be brief.")  # a conversation keeps its own
+    assert "Own." in decoded(chatml, p, "prompt_ids") and "Be brief." not in decoded(chatml, p, "prompt_ids")
+    (p,), _ = tokenize_preference([own], chatml)
+    assert default not in decoded(chatml, p, "prompt_ids")
+    # SFT: messages and prompt/completion get it; plain text has no user turn to put it before.
+    (ex,), _ = tokenize_sft([{"messages": [user(SKY), assistant("Blue.")]}], chatml, system_prompt="Be brief.")
+    assert chatml.decode(ex["input_ids"].tolist()).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    assert targets(chatml, ex) == "Blue.<|im_end|>\n"
+    (ex,), _ = tokenize_sft([{"prompt": SKY, "completion": "Blue."}], chatml, system_prompt="Be brief.")
+    assert "Be brief." in chatml.decode(ex["input_ids"].tolist()) and targets(chatml, ex) == "Blue.<|im_end|>\n"
+    _, stats = tokenize_sft([{"text": "just text"}], tok, system_prompt="Be brief.")
+    assert stats.drop_reasons == {"system_prompt_on_text": 1}
+
+
+def test_score_gap_filter_and_stats(tok):
+    rows = [{"prompt": "copy: ab\n", "chosen": "ab", "rejected": "ba", "score_chosen": 9.0, "score_rejected": 2.0},
+            {"prompt": "copy: cd\n", "chosen": "cd", "rejected": "dc", "score_chosen": 5.0, "score_rejected": 4.5},
+            {"prompt": "copy: ef\n", "chosen": "ef", "rejected": "fe", "score_chosen": 7.0, "score_rejected": 4.0}]
+    pairs, stats = tokenize_preference(rows, tok, min_score_gap=1.0, on_bad_row="error")  # a filter, not an error
+    assert [p["score_gap"] for p in pairs] == [7.0, 3.0]
+    assert stats.drop_reasons == {"score_gap_below_min": 1} and stats.mean_score_gap == 5.0
+    pairs, stats = tokenize_preference(rows, tok)
+    assert len(pairs) == 3 and stats.mean_score_gap == pytest.approx(3.5)
+    renamed = [{"p": r["prompt"], "c": r["chosen"], "r": r["rejected"], "sc": r["score_chosen"],
+                "sr": r["score_rejected"]} for r in rows]
+    columns = {"prompt": "p", "chosen": "c", "rejected": "r", "score_chosen": "sc", "score_rejected": "sr"}
+    pairs, _ = tokenize_preference(renamed, tok, columns=columns, min_score_gap=1.0)
+    assert [p["score_gap"] for p in pairs] == [7.0, 3.0]
+    with pytest.raises(DataError, match="min_score_gap.*'score_chosen' and 'score_rejected' columns"):
+        tokenize_preference([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows], tok, min_score_gap=1.0)
+    _, stats = tokenize_preference([{**rows[0], "score_chosen": "high"}], tok)
+    assert stats.drop_reasons == {"bad_type": 1}
+
+
+@pytest.mark.parametrize("columns,fmt", [
+    (["prompt", "completion", "label"], "unpaired_preference"),
+    (["prompt"], "prompt_only"),
+])
+def test_detect_unpaired_and_prompt_only(columns, fmt):
+    assert detect_format(columns) == fmt
+    assert detect_format(["prompt", "completion", "label"], kind="sft") == "prompt_completion"
+    assert detect_format(["prompt", "chosen", "rejected"], kind="prompt") == "prompt_only"
+
+
+def test_unpaired_feedback(chatml, tok):
+    from jaxalign.data import tokenize_unpaired
+
+    rows = [{"prompt": "copy: ab\n", "completion": "ab", "label": True},
+            {"prompt": "copy: cd\n", "completion": "dc", "label": False},
+            {"prompt": "copy: ef\n", "completion": "ef", "label": "yes"}]
+    examples, stats = tokenize_unpaired(rows, tok)
+    assert stats.format == "unpaired_preference" and stats.drop_reasons == {"bad_type": 1}
+    assert [e["label"] for e in examples] == [True, False]
+    assert tok.decode(examples[1]["completion_ids"].tolist(), skip_special_tokens=False) == "dc</s>"
+    with pytest.raises(DataError, match="row 2.*'label' must be true or false"):
+        tokenize_unpaired(rows, tok, on_bad_row="error")
+    # Conversations and a system prompt, as for pairs.
+    (ex,), _ = tokenize_unpaired([{"prompt": [user(SKY)], "completion": [assistant("Blue.")], "label": True}], chatml,
+                                 system_prompt="Be brief.")
+    assert decoded(chatml, ex, "prompt_ids").startswith("<|im_start|>system\nBe brief.")
+    assert decoded(chatml, ex, "completion_ids") == "Blue.<|im_end|>\n"
+    # Paired rows split into a desirable and an undesirable example.
+    examples, stats = tokenize_unpaired([{"prompt": "copy: ab\n", "chosen": "ab", "rejected": "ba"}], tok)
+    assert stats.examples == 2 and [e["label"] for e in examples] == [True, False]
+    assert [tok.decode(e["completion_ids"].tolist(), skip_special_tokens=True) for e in examples] == ["ab", "ba"]

@@ -2,6 +2,7 @@
 sources agreeing, SimPO without a reference, a short training run, bad rows."""
 
 import dataclasses
+import json
 import math
 import os
 
@@ -163,3 +164,74 @@ def test_bad_rows_dropped_and_counted_or_named(tmp_path, hf_model):
     assert stats["left_out_per_epoch"] == 1  # 33 pairs in batches of 16
     with pytest.raises(DataError, match="row 0: .*identical"):
         _objective(tmp_path / "y", path, [f"data.train={data}", "data.eval=null", "data.on_bad_row=error"])
+
+
+def test_margin_from_scores_offsets_the_sigmoid_loss(tmp_path, hf_model):
+    """ODPO: at step 0 (h = 0) the loss is -log σ(-α·gap) per pair; min_score_gap filters first."""
+    _, path = hf_model("llama")
+    rng = np.random.RandomState(0)
+    rows = [dict(r, score_chosen=float(rng.randint(5, 10)), score_rejected=float(rng.randint(0, 5)))
+            for r in map(json.loads, open(letter_prefs(tmp_path / "p.jsonl", 40, 0)).read().splitlines())]
+    rows[0]["score_rejected"] = rows[0]["score_chosen"]  # gap 0: filtered out below
+    data = tmp_path / "scored.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    common = [f"data.train={data}", "data.eval=null", "data.min_score_gap=0.5", "dpo.margin_from_scores=0.5"]
+    _, model, objective = _objective(tmp_path / "m", path, common)
+    stats = objective.summary["train data"]
+    assert stats["drop_reasons"] == {"score_gap_below_min": 1} and stats["examples"] == 39
+    gaps = [r["score_chosen"] - r["score_rejected"] for r in rows[1:]]
+    assert stats["mean_score_gap"] == pytest.approx(np.mean(gaps))
+    assert objective.summary["dpo"].endswith("margin_from_scores=0.5")
+    batch = next(objective.train_batches)
+    assert batch["score_gap"].shape == (16,) and batch["score_gap"].min() >= 1.0
+    m = _loss(objective, objective.init_params(model.params), batch)
+    assert m["loss"] == pytest.approx(float(np.mean(-jax.nn.log_sigmoid(-0.5 * batch["score_gap"]))), rel=1e-5)
+    with pytest.raises(DataError, match="margin_from_scores needs score_chosen and score_rejected.*512 of 512"):
+        _objective(tmp_path / "n", path, ["data.eval=null", "dpo.margin_from_scores=0.5"])
+    with pytest.raises(ConfigError, match="margin_from_scores works with dpo.loss_type=sigmoid only"):
+        _objective(tmp_path / "o", path, common + ["dpo.loss_type=ipo"])
+
+
+def test_orpo_is_reference_free_nll_plus_odds_ratio(tmp_path, hf_model):
+    """ORPO through the DPO objective: no reference weights; loss = chosen NLL per token
+    - β log σ(log odds ratio) on average log-probs; TRL's metric names."""
+    _, path = hf_model("llama")
+    cfg, model, orpo = _objective(tmp_path / "o", path, ["dpo.loss_type=orpo", "dpo.beta=0.2"])
+    assert orpo.summary["dpo"].endswith("reference=none") and orpo.init_params is None
+    batch = next(orpo.train_batches)
+    m = _loss(orpo, model.params, batch)
+    pc, pr, lc, lr = (np.asarray(x, np.float64) for x in
+                      jax.jit(dpo.pair_logps, static_argnums=1)(model.params, model.config, batch))
+    ac, ar = pc / lc, pr / lr
+    log_odds = (ac - np.log1p(-np.exp(ac))) - (ar - np.log1p(-np.exp(ar)))
+    log_sig = -np.logaddexp(0.0, -log_odds)
+    assert m["loss"] == pytest.approx(np.mean(-ac - 0.2 * log_sig), rel=1e-4)
+    assert m["nll_loss"] == pytest.approx(np.mean(-ac), rel=1e-4)
+    assert m["log_odds_ratio"] == pytest.approx(np.mean(log_sig), rel=1e-4)
+    assert m["log_odds_chosen"] == pytest.approx(np.mean(log_odds), rel=1e-4, abs=1e-5)
+    assert m["rewards/chosen"] == pytest.approx(0.2 * np.mean(ac), rel=1e-4)
+    assert m["rewards/margins"] == pytest.approx(0.2 * np.mean(ac - ar), rel=1e-4, abs=1e-6)
+    with pytest.raises(ConfigError, match="rpo_alpha adds the chosen NLL that dpo.loss_type=orpo already has"):
+        _objective(tmp_path / "r", path, ["dpo.loss_type=orpo", "dpo.rpo_alpha=0.5"])
+
+
+def test_orpo_quickstart_trains_through_the_cli(tmp_path, hf_model):
+    from jaxalign.cli import main
+
+    _, path = hf_model("llama", initializer_range=0.02)
+    args = ["train", os.path.join(ROOT, "configs", "quickstart", "orpo.yaml"), f"output_dir={tmp_path / 'run'}",
+            f"model.path={path}", "model.config=null", f"model.tokenizer={TINY_ASSETS}",
+            f"data.train={letter_prefs(tmp_path / 'train.jsonl', 512, 0)}",
+            f"data.eval={letter_prefs(tmp_path / 'eval.jsonl', 64, 1)}", "data.max_length=24", "data.buckets=[24]",
+            "train.batch_size=16",
+            "train.steps=12", "optim.learning_rate=3e-3", "optim.warmup_steps=0", "train.eval_every=null",
+            "train.save_every=null", "train.async_checkpoints=false"]
+    assert main(args) == 0
+    evals = [r for r in read_metrics(str(tmp_path / "run")) if "eval/log_odds_ratio" in r]
+    assert [r["step"] for r in evals] == [0, 12]
+    first, last = evals
+    assert last["eval/rewards/accuracies"] > max(first["eval/rewards/accuracies"] + 0.2, 0.8), (first, last)
+    assert last["eval/log_odds_chosen"] > first["eval/log_odds_chosen"] + 0.5
+    assert last["eval/nll_loss"] < first["eval/nll_loss"]
+    exported = load_model(str(tmp_path / "run" / "final"))
+    assert "lm_head" in exported.params

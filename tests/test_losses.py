@@ -81,6 +81,9 @@ CASES = {
     "discopop": ("discopop", 0.0, lambda pc, pr, rc, rr: (
         -log_sig(BETA * ((pc - pr) - (rc - rr))) * (1 - sig(BETA * ((pc - pr) - (rc - rr)) / TAU))
         + np.exp(-BETA * ((pc - pr) - (rc - rr))) * sig(BETA * ((pc - pr) - (rc - rr)) / TAU))),
+    # ORPO's odds-ratio term, Hong et al. 2024 Eq. 6-7: odds(y) = p / (1 - p) on average log-probs
+    "orpo": ("orpo", 0.0, lambda pc, pr, rc, rr: -BETA * log_sig(
+        (pc - np.log1p(-np.exp(pc))) - (pr - np.log1p(-np.exp(pr))))),
 }
 
 
@@ -105,7 +108,7 @@ def test_dpo_matches_numpy_reference(case):
     want = ref_fn(*(x.astype(np.float64) for x in (pc, pr, rc, rr)))
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     assert got.shape == (B,) and got.dtype == np.float32
-    if loss_type == "simpo":  # reference-free reward: β π
+    if loss_type in losses.REFERENCE_FREE_LOSS_TYPES:  # simpo, orpo: reward β π
         np.testing.assert_allclose(rew_c, BETA * pc, rtol=1e-6)
         np.testing.assert_allclose(rew_r, BETA * pr, rtol=1e-6)
     else:  # implicit reward: β (π - π_ref)
@@ -182,7 +185,7 @@ def trl_dpo_mean(loss_type, eps, p):
 
 # simpo lives in TRL's CPOTrainer (below); cDPO is gone from TRL 1.16, whose "sigmoid" ignores
 # label_smoothing (it documents it for robust and exo only): the NumPy reference covers cDPO.
-@pytest.mark.parametrize("case", [c for c in CASES if c not in ("simpo", "simpo_smoothed", "cdpo")])
+@pytest.mark.parametrize("case", [c for c in CASES if c not in ("simpo", "simpo_smoothed", "cdpo", "orpo")])
 def test_dpo_matches_trl_dpo_trainer(case):
     loss_type, eps, _ = CASES[case]
     p = make_pairs(seed=1)
@@ -206,6 +209,88 @@ def test_simpo_matches_trl_cpo_loss(eps):
     got = losses.dpo(pc, pr, beta=BETA, loss_type="simpo", label_smoothing=eps, simpo_gamma=GAMMA)
     for g, w in zip(got, want):
         np.testing.assert_allclose(np.asarray(g), w, rtol=1e-5, atol=1e-6)
+
+
+def test_orpo_matches_trl_orpo_trainer():
+    """TRL 1.16 ORPOTrainer: loss = nll - mean(odds_ratio_loss) (its losses are +β log σ(o));
+    rewards β·π and the logged log_odds_ratio / log_odds_chosen, on average log-probs."""
+    torch = pytest.importorskip("torch")
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+    p = make_pairs(seed=4)
+    pc, pr, _, _ = inputs_for("orpo", p)
+    nll = -pc  # the chosen NLL per token, as the objective adds it
+    fake_self = types.SimpleNamespace(beta=BETA, accelerator=types.SimpleNamespace(device="cpu"))
+    trl_losses, trl_rc, trl_rr, trl_ratio, trl_log_odds = (
+        t.numpy() for t in orpo.ORPOTrainer.odds_ratio_loss(fake_self, torch.tensor(pc), torch.tensor(pr)))
+    got, rc, rr = (np.asarray(x) for x in losses.dpo(pc, pr, beta=BETA, loss_type="orpo"))
+    log_odds = np.asarray(losses.orpo_log_odds(pc, pr))
+    diffs = [abs(float((nll + got).mean()) - float(nll.mean() - trl_losses.mean())),
+             np.abs(got + trl_losses).max(), np.abs(rc - trl_rc).max(), np.abs(rr - trl_rr).max(),
+             abs(float(np.mean(jax.nn.log_sigmoid(log_odds))) - float(trl_ratio)),
+             abs(float(log_odds.mean()) - float(trl_log_odds))]
+    assert max(diffs) < 2e-6, diffs
+
+
+def test_orpo_is_finite_at_certainty_and_on_padding():
+    """Average log-probs of 0 (p = 1, or an all-padding row) give finite losses and gradients."""
+    g = jax.grad(lambda x: losses.dpo(x, x - 1.0, beta=BETA, loss_type="orpo")[0].sum())(jnp.zeros(3))
+    assert np.all(np.isfinite(np.asarray(g)))
+
+
+# ---------------------------------------------------------------------------- KTO
+
+
+def trl_kto(p, labels, dw, uw):
+    """TRL 1.16 KTOTrainer._compute_loss (loss_type "kto", precomputed reference log-probs) on
+    these per-token log-probs: rows of p.tok are the B matched examples, p.tok[::-1] the
+    mismatched (KL) ones; a stand-in model returns them. -> (loss, metrics)."""
+    torch = pytest.importorskip("torch")
+    kto_mod = pytest.importorskip("trl.trainer.kto_trainer")
+    n = 2 * B
+    kl_tok = p.tok[::-1].copy()
+    ids, kl_ids = torch.zeros(n, L + 1, dtype=torch.long), torch.ones(n, L + 1, dtype=torch.long)
+
+    def model(**kw):
+        tok = kl_tok if kw["input_ids"] is kl_ids else p.tok
+        return types.SimpleNamespace(log_probs=torch.tensor(tok), entropy=torch.zeros(n, L),
+                                     mean_logits=torch.zeros(n, L))
+
+    fake_self = types.SimpleNamespace(
+        model=types.SimpleNamespace(training=True), calculate_KL=True, precompute_ref_logps=True, loss_type="kto",
+        beta=BETA, desirable_weight=dw, undesirable_weight=uw, aux_loss_enabled=False, _total_train_tokens=0,
+        _tp_size=1, accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x),
+        _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
+    fake_self._compute_kl_logps = types.MethodType(kto_mod.KTOTrainer._compute_kl_logps, fake_self)
+    mask = torch.tensor(np.concatenate([np.zeros((n, 1)), p.mask], axis=1), dtype=torch.long)
+    inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "completion_mask": mask,
+              "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(ids), "KL_completion_mask": mask.flip(0),
+              "label": torch.tensor(labels), "ref_logps": torch.tensor(np.concatenate([p.rc, p.rr])),
+              "ref_KL_logps": torch.tensor(np.concatenate([p.rc, p.rr])[::-1].copy() - 0.3)}
+    loss = kto_mod.KTOTrainer._compute_loss(fake_self, model, inputs, False)
+    return float(loss), {k: v[-1] for k, v in fake_self._metrics["train"].items()}
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
+def test_kto_matches_trl_kto_trainer(weights):
+    p = make_pairs(seed=5)
+    labels = np.arange(2 * B) % 3 != 0  # unbalanced desirable / undesirable
+    want, metrics = trl_kto(p, labels, *weights)
+    logps, ref = np.concatenate([p.pc, p.pr]), np.concatenate([p.rc, p.rr])
+    z0 = losses.kto_reference_point(logps[::-1], ref[::-1] - 0.3)
+    got, rewards = (np.asarray(x) for x in losses.kto(logps, ref, labels, z0, beta=BETA, desirable_weight=weights[0],
+                                                      undesirable_weight=weights[1]))
+    diffs = [abs(float(got.mean()) - want), abs(float(z0) - metrics["kl"]),
+             abs(float(rewards[labels].mean()) - metrics["rewards/chosen"]),
+             abs(float(rewards[~labels].mean()) - metrics["rewards/rejected"]),
+             abs(float(rewards[labels].mean() - rewards[~labels].mean()) - metrics["rewards/margins"])]
+    assert max(diffs) < 2e-6, diffs
+    assert float(z0) > 0  # a case where the reference point is not clamped to 0
+
+
+def test_kto_reference_point_is_clamped_and_skips_padding():
+    assert float(losses.kto_reference_point(jnp.array([-1.0, -2.0]), jnp.array([0.0, 0.0]))) == 0.0
+    z0 = losses.kto_reference_point(jnp.array([1.0, 3.0, 100.0]), jnp.zeros(3), valid=jnp.array([True, True, False]))
+    assert float(z0) == 2.0
 
 
 # ---------------------------------------------------------------------------- reward model
@@ -270,3 +355,12 @@ def test_length_bias_metrics_reference_and_empty_subsets():
     none = losses.length_bias_metrics(sc, sr, np.full(B, 5), np.full(B, 5))  # no length variance, no shorter pair
     assert math.isnan(none["length_correlation"]) and math.isnan(none["accuracy_chosen_shorter"])
     assert none["frac_chosen_shorter"] == 0.0
+
+
+def test_dpo_margin_is_an_offset_of_the_sigmoid_loss():
+    p = make_pairs(seed=3)
+    m = np.linspace(0.0, 2.0, B).astype(np.float32)
+    got, _, _ = losses.dpo(p.pc, p.pr, p.rc, p.rr, beta=BETA, margin=m)
+    np.testing.assert_allclose(got, -log_sig(BETA * ((p.pc - p.pr) - (p.rc - p.rr)) - m), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="margin.*loss_type='sigmoid' only"):
+        losses.dpo(p.pc, p.pr, p.rc, p.rr, beta=BETA, loss_type="ipo", margin=m)

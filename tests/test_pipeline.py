@@ -5,6 +5,7 @@ import json
 import os
 
 import pytest
+import yaml
 
 from jaxalign import pipeline
 from jaxalign.errors import ConfigError
@@ -65,6 +66,20 @@ def test_label_stage_chains_pairs_into_reward_and_dpo(tmp_path):
     ]:
         with pytest.raises(ConfigError, match=message):
             pipeline.load_pipeline(PIPELINE, [f"stages.label={bad}"])
+    rounds = pipeline.load_pipeline(PIPELINE, [f"output_dir={tmp_path}", "stages.iterative_dpo={config: dpo.yaml, "
+                                               "rounds: 2, judge_fn: m:f, overrides: [train.steps=3]}"])
+    assert pipeline.round_names(rounds) == ["iterative_dpo/1", "iterative_dpo/2"]
+    second = pipeline.stage_config(rounds, "iterative_dpo/2")
+    assert second.model.path == str(tmp_path / "iterative_dpo" / "1" / "final") and second.train.steps == 3
+    assert second.data.train == pipeline.label_files(str(tmp_path / "iterative_dpo" / "2"))["train"]
+    for bad, message in [
+        ("{config: dpo.yaml, rounds: 0, judge_fn: m:f}", "rounds must be a positive integer"),
+        ("{config: dpo.yaml, rounds: 2}", "stages.iterative_dpo needs exactly one judge"),
+        ("{config: dpo.yaml, judge_fn: m:f, self_judge_rows: 8}", "unknown key 'stages.iterative_dpo.self_judge_rows'"),
+        ("{judge_fn: m:f}", "stages.iterative_dpo is missing 'config'"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            pipeline.load_pipeline(PIPELINE, [f"stages.iterative_dpo={bad}"])
     with pytest.raises(ConfigError, match="eval.task 'arith' unknown; use one of arithmetic, tiny"):
         pipeline.load_pipeline(PIPELINE, ["eval.task=arith"])
 
@@ -111,6 +126,9 @@ def test_pipeline_end_to_end_test_sized(tmp_path):
                                                       "ppo.response_length=6", "data.eval=null"]) + "]",
         "stages.label={judge_fn: tests.test_rlaif:length_score, num_samples: 3, max_rows: 16, eval_max_rows: 8, "
         f"max_new_tokens: 6, batch_size: 8, self_judge_rows: 8, judge_template: {template}}}",
+        "stages.iterative_dpo={config: dpo.yaml, rounds: 2, judge_fn: tests.test_rlaif:length_score, "
+        "num_samples: 3, max_rows: 16, eval_max_rows: 0, max_new_tokens: 6, batch_size: 8, "
+        "overrides: [" + ",".join(small + ["train.steps=2"]) + "]}",
         "eval.max_examples=8", "eval.max_new_tokens=6", "eval.batch_size=8",
     ]
     result = pipeline.run_pipeline(PIPELINE, overrides)
@@ -120,7 +138,15 @@ def test_pipeline_end_to_end_test_sized(tmp_path):
     assert labels["self_judge"]["compared"] + labels["self_judge"]["reference_ties"] == 8
     pairs = [json.loads(line) for line in (out / "label" / "train.jsonl").read_text().splitlines()]
     assert len(pairs) == labels["train"]["rows"] and all(r["score_chosen"] > r["score_rejected"] for r in pairs)
-    assert [r["model"] for r in result["rows"]] == ["base", "SFT", "PPO", "DPO", "GRPO"]
+    models = ["base", "SFT", "PPO", "DPO", "GRPO", "iterative_dpo/1", "iterative_dpo/2"]
+    assert [r["model"] for r in result["rows"]] == models
+    for r in (1, 2):  # each round: its own samples and labels, DPO from the previous round's policy
+        summary = result["stages"][f"iterative_dpo/{r}/label"]["summary"]["train"]
+        assert summary["rows"] + summary["ties_dropped"] == 16
+        assert (out / "iterative_dpo" / str(r) / "label" / "train.jsonl").exists()
+        cfg = yaml.safe_load((out / "iterative_dpo" / str(r) / "config.yaml").read_text())
+        assert cfg["model"]["path"] == str(out / ("sft" if r == 1 else "iterative_dpo/1") / "final")
+        assert cfg["data"]["train"] == str(out / "iterative_dpo" / str(r) / "label" / "train.jsonl")
     for r in result["rows"]:
         for col in pipeline.table_columns([]):
             assert isinstance(r[col], float), (r["model"], col, r[col])
@@ -130,11 +156,11 @@ def test_pipeline_end_to_end_test_sized(tmp_path):
     for name in ("| base |", "| SFT |", "| PPO |", "| DPO |", "held-out accuracy", "mean reward", "KL to SFT"):
         assert name in md
     saved = json.loads((out / "table.json").read_text())
-    assert [r["model"] for r in saved["rows"]] == ["base", "SFT", "PPO", "DPO", "GRPO"]
+    assert [r["model"] for r in saved["rows"]] == models
     assert saved["columns"] == pipeline.table_columns([])
     png = out / "curves.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    for stage in ("sft", "reward", "ppo", "dpo", "grpo"):
+    for stage in ("sft", "reward", "ppo", "dpo", "grpo", "iterative_dpo/1", "iterative_dpo/2"):
         assert (out / stage / "final" / "config.json").exists()
         assert (out / stage / "curves.png").exists()
 

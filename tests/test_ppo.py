@@ -1,6 +1,7 @@
 """PPO / GRPO / RLOO: the pieces of one rollout, learning on toy rewards, shared-base memory,
 exact resume, and the errors for bad settings and inputs."""
 
+import dataclasses
 import json
 import os
 
@@ -10,6 +11,8 @@ import numpy as np
 import pytest
 
 from jaxalign.algos import ppo
+from jaxalign.algos.rl_loop import (AdvantageSettings, UpdateSchedule, advantages, minibatch_indices,
+                                    rollout_prompts)
 from jaxalign.algos.rollout import RewardModel, load_prompts
 from jaxalign.config import load_config
 from jaxalign.errors import ConfigError
@@ -64,7 +67,8 @@ def _config(files, algorithm, out, extra=()):
 
 
 def _objective(cfg, tiny):
-    """What the loop does before its first step: transforms, build, init_params, partition, bind."""
+    """What the loop does before its first step: transforms, build, init_params, partition.
+    The loop samples batches with `objective.sample_batch(params)` from the current params."""
     from jaxalign.train.loop import partition_params
 
     model, tokenizer = tiny
@@ -72,7 +76,7 @@ def _objective(cfg, tiny):
     objective = ppo.build(cfg, model, tokenizer)
     params = objective.init_params(model.params)
     trainable, frozen, combine = partition_params(params, objective.trainable_mask)
-    objective.bind_params(lambda: combine(trainable, frozen))
+    assert objective.sample_batch == objective.train_batches.next
     return model, objective, params, (trainable, frozen)
 
 
@@ -91,7 +95,7 @@ def test_first_minibatch_of_a_rollout(files, tiny, lora):
     extra = ["lora.rank=4", "lora.alpha=8"] if lora else []
     cfg = _config(files, "ppo", "unused", extra)
     model, objective, params, _ = _objective(cfg, tiny)
-    batch = next(objective.train_batches)
+    batch = objective.sample_batch(params)
     b, p, n = 8, cfg.ppo.max_prompt_length, cfg.ppo.response_length
     assert batch["input_ids"].shape == batch["attention_mask"].shape == (b, p + n)
     for key in ("response_mask", "old_logprobs", "old_values", "advantages", "returns"):
@@ -108,9 +112,9 @@ def test_first_minibatch_of_a_rollout(files, tiny, lora):
 
     sums = jax.jit(objective.loss_fn)(params, batch, jax.random.key(0))
     metrics = {k: float(s / c) for k, (s, c) in sums.items()}
-    assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5)
-    assert metrics["clipfrac"] == 0.0 and metrics["approx_kl"] < 1e-10
-    assert metrics["value_clipfrac"] == 0.0
+    assert metrics["val/ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert metrics["policy/clipfrac_avg"] == 0.0 and metrics["policy/approxkl_avg"] < 1e-10
+    assert metrics["val/clipfrac_avg"] == 0.0
     assert np.isfinite(metrics["loss"])
 
 
@@ -121,9 +125,8 @@ def test_rewards_kl_gae_and_group_advantages():
     ref = jnp.array([[-1.5, -1.0, -0.5, 0.0], [-1.0, -2.0, -1.0, -1.0]])
     mask = jnp.array([[1, 1, 1, 0], [1, 1, 1, 1]])
     scores = jnp.array([2.0, -1.0])
-    kw = dict(kind="k1", gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False, group_size=1,
-              scale_rewards=True)
-    adv, ret, kl, rewards = ppo.advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1, algorithm="ppo", **kw)
+    s = AdvantageSettings("ppo", kind="k1", gamma=1.0, lam=1.0, whiten_rewards=False, whiten_advantages=False)
+    adv, ret, kl, rewards = advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1, s)
     expected_kl = (logp - ref) * mask  # k1 = log pi - log ref
     np.testing.assert_allclose(kl, expected_kl, atol=1e-6)
     expected = -0.1 * expected_kl
@@ -132,18 +135,37 @@ def test_rewards_kl_gae_and_group_advantages():
     to_go = jnp.cumsum(expected[:, ::-1], axis=1)[:, ::-1] * mask
     np.testing.assert_allclose(ret, to_go, atol=1e-6)
     np.testing.assert_allclose(adv, to_go, atol=1e-6)
-    adv, _, _, _ = ppo.advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1, algorithm="ppo",
-                                  **{**kw, "whiten_advantages": True})
+    adv, _, _, _ = advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1,
+                              dataclasses.replace(s, whiten_advantages=True))
     assert float(jnp.sum(adv * mask)) == pytest.approx(0.0, abs=1e-5) and np.all(np.asarray(adv)[mask == 0] == 0)
 
     scores4 = jnp.array([1.0, 0.0, 0.0, 1.0])
     mask4 = jnp.ones((4, 3)).at[1, 2].set(0)
     z = jnp.zeros((4, 3))
-    adv, *_ = ppo.advantages(z, z, z, scores4, mask4, 0.0, algorithm="rloo", **{**kw, "group_size": 4})
+    adv, *_ = advantages(z, z, z, scores4, mask4, 0.0, dataclasses.replace(s, algorithm="rloo", group_size=4))
     base = (scores4.sum() - scores4) / 3
     np.testing.assert_allclose(adv, (scores4 - base)[:, None] * mask4, atol=1e-6)
-    adv, *_ = ppo.advantages(z, z, z, scores4, mask4, 0.0, algorithm="grpo", **{**kw, "group_size": 2})
+    adv, *_ = advantages(z, z, z, scores4, mask4, 0.0, dataclasses.replace(s, algorithm="grpo", group_size=2))
     np.testing.assert_allclose(adv[:, 0], [0.7071, -0.7071, -0.7071, 0.7071], atol=1e-3)  # (s - mean) / (std + eps)
+
+
+def test_prompt_and_minibatch_schedules_and_metric_names():
+    """Rollout k takes slot k of its epoch's prompt permutation (every prompt once per epoch);
+    each epoch of a rollout visits every row once in minibatches; statistics are logged under
+    TRL's names where TRL has them."""
+    per_rollout, num_prompts = 8, 20  # 2 rollouts per epoch (4 prompts left out)
+    first = [rollout_prompts(k, num_prompts, per_rollout, seed=3) for k in range(2)]
+    assert len(set(np.concatenate(first))) == 16 and all(len(x) == per_rollout for x in first)
+    order = np.random.default_rng([3, 1]).permutation(num_prompts)
+    np.testing.assert_array_equal(rollout_prompts(2, num_prompts, per_rollout, seed=3), order[:per_rollout])
+    schedule = UpdateSchedule(rows=12, minibatch_rows=4, epochs=2, num_minibatches=3, seed=0, rollout_size=12)
+    for epoch in range(2):
+        rows = [minibatch_indices(epoch * 3 + j, 5, schedule) for j in range(3)]
+        assert sorted(np.concatenate(rows)) == list(range(12)) and all(np.all(np.diff(r) > 0) for r in rows)
+    names = {stat: ppo.rollout_metric(stat) for stat in ppo.rollout_stat_names("grpo", True, ("f",))}
+    assert names["kl"] == "objective/kl" and names["reward"] == "reward" and names["reward_std"] == "reward_std"
+    assert names["response_length"] == "completions/mean_length" and names["rewards/f"] == "rewards/f/mean"
+    assert names["score"] == "rollout/score"
 
 
 # ---------------------------------------------------------------------------- learning, resume
@@ -176,7 +198,8 @@ def test_ppo_raises_the_toy_reward_and_resumes_exactly(files, tmp_path):
     resumed = _records(tmp_path / "resumed")
     assert sorted(resumed) == list(range(1, 25))
     for step in range(17, 25):
-        for key in ("loss", "rollout/score", "rollout/kl", "rollout/kl_coef", "value_loss", "clipfrac"):
+        for key in ("loss", "rollout/score", "objective/kl", "rollout/kl_coef", "loss/value_avg",
+                    "policy/clipfrac_avg"):
             assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
 
 
@@ -208,10 +231,10 @@ def test_lora_policy_reference_value_and_reward_share_one_base(files, tiny, tmp_
     assert all(x.size < model.config.hidden_size * model.config.intermediate_size
                for x in jax.tree.leaves(trainable))
     # ... and every base array of the value model is the policy's own array object.
-    pol = jax.tree.leaves(ppo._bases(params["policy"]["model"]))
-    val = jax.tree.leaves(ppo._bases(params["value"]["model"]))
+    pol = jax.tree.leaves(lora.bases(params["policy"]["model"]))
+    val = jax.tree.leaves(lora.bases(params["value"]["model"]))
     assert len(pol) == len(val) and all(a is b for a, b in zip(pol, val))
-    batch = next(objective.train_batches)  # the reward adapter scores on the shared base
+    batch = objective.sample_batch(params)  # the reward adapter scores on the shared base
     assert np.all(np.isfinite(batch["advantages"]))
 
     # LoRA, value model = fresh adapters + head on the policy's base, reward = a function: one copy.
@@ -330,23 +353,23 @@ def test_lora_dropout_is_off_in_rl_updates(files, tmp_path):
     train(_config(files, "ppo", tmp_path, ["lora.rank=4", "lora.alpha=8", "lora.dropout=0.3", "train.steps=3",
                                            "ppo.ppo_epochs=1"]))
     first = _records(tmp_path)[3]
-    assert first["approx_kl"] < 1e-10 and first["clipfrac"] == 0.0
-    assert first["ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert first["policy/approxkl_avg"] < 1e-10 and first["policy/clipfrac_avg"] == 0.0
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-5)
 
 
 def test_grpo_drops_uniform_groups_and_weighs_several_reward_functions(files, tiny):
     """drop_uniform_groups: groups whose rewards are all equal leave the loss (their response
-    mask is 0), counted as rollout/frac_reward_zero_std. A reward_fn list: each function is
-    logged as rewards/<name>, the reward is their weighted sum."""
+    mask is 0), counted as frac_reward_zero_std. A reward_fn list: each function is
+    logged as rewards/<name>/mean, the reward is their weighted sum."""
     fns = ["tests.test_ppo:odd_prompt", "tests.test_ppo:even_letters"]  # odd prompts: uniform groups
     cfg = _config(files, "grpo", "unused", [f"ppo.reward_fn={json.dumps(fns)}", "ppo.reward_weights=[1.0, 0.5]",
                                             "ppo.drop_uniform_groups=true", "ppo.scale_rewards=false"])
     assert cfg.ppo.scale_rewards == "none"  # the former boolean
-    _, objective, _, _ = _objective(cfg, tiny)
+    _, objective, params, _ = _objective(cfg, tiny)
     it = objective.train_batches
-    batch = next(it)
+    batch = it.next(params)
     stats = dict(zip(it.stat_names, batch["rollout_stats"][0]))
-    exp = {k: v for k, v in it.exp.items()}
+    exp = {k: v for k, v in it.rows.items()}
     n = cfg.ppo.max_prompt_length
     prompt_len = exp["attention_mask"][:, :n].sum(1) - 1  # the text's characters (BOS dropped)
     odd = prompt_len % 2 == 1
@@ -368,13 +391,13 @@ def test_first_minibatch_of_rloo_and_grpo_variants(files, tiny, algorithm, extra
     per sequence) start at ratio 1, nothing clipped, KL 0, a finite loss."""
     cfg = _config(files, algorithm, "unused", extra)
     _, objective, params, _ = _objective(cfg, tiny)
-    batch = next(objective.train_batches)
+    batch = objective.sample_batch(params)
     if algorithm == "grpo":
-        n = objective.train_batches.exp["response_mask"].sum() / len(objective.train_batches.exp["response_mask"])
+        n = objective.train_batches.rows["response_mask"].sum() / len(objective.train_batches.rows["response_mask"])
         np.testing.assert_allclose(batch["row_norm"], n, rtol=1e-6)
     sums = jax.jit(objective.loss_fn)(params, batch, jax.random.key(0))
     metrics = {k: float(s / c) for k, (s, c) in sums.items()}
-    assert metrics["ratio"] == pytest.approx(1.0, abs=1e-5) and metrics["clipfrac"] == 0.0
+    assert metrics["val/ratio"] == pytest.approx(1.0, abs=1e-5) and metrics["policy/clipfrac_avg"] == 0.0
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and np.isfinite(metrics["loss"])
     if algorithm == "rloo":
         assert float(sums["loss"][1]) == 8  # a mean over the minibatch's sequences

@@ -11,7 +11,7 @@ import pytest
 import torch
 import transformers
 
-from jaxalign.algos import reward
+from jaxalign.algos import pairs, reward
 from jaxalign.config import load_config
 from jaxalign.data import load_tokenizer, pad_pairs
 from jaxalign.errors import DataError
@@ -216,13 +216,13 @@ def test_bad_rows_are_dropped_with_counts_or_named(tmp_path, rows, reasons):
     data.write_text("\n".join(json.dumps(r) for r in rows))
     tok = load_tokenizer(TINY_ASSETS)
     cfg = load_config(QUICKSTART, [f"data.train={data}", "data.eval=null"])
-    pairs, stats = reward.load_preference_examples(cfg, tok, "train")
-    assert len(pairs) == 1 and stats.rows == len(rows) and stats.dropped == len(rows) - 1
+    kept, stats = pairs.load_preference_examples(cfg, tok, "train")
+    assert len(kept) == 1 and stats.rows == len(rows) and stats.dropped == len(rows) - 1
     assert stats.drop_reasons == reasons
     bad_index = 1
     cfg = load_config(QUICKSTART, [f"data.train={data}", "data.eval=null", "data.on_bad_row=error"])
     with pytest.raises(DataError, match=f"row {bad_index}:"):
-        reward.load_preference_examples(cfg, tok, "train")
+        pairs.load_preference_examples(cfg, tok, "train")
 
 
 def test_padding_rows_do_not_count_and_margin_shifts_loss(hf_model):

@@ -114,6 +114,18 @@ def test_linear_seam_backward_equals_autodiff_of_dot():
     np.testing.assert_allclose(gw, want[1], rtol=0.05, atol=0.05 * float(jnp.abs(want[1]).max()))
 
 
+def test_linear_backward_barrier_is_cpu_only(monkeypatch):
+    """The optimization barrier in `linear`'s backward pass is traced on the CPU backend only."""
+    from jaxalign.nn import linear
+
+    grad = jax.grad(lambda x, w: jnp.sum(jnp.sin(linear(x, w))), argnums=(0, 1))
+    x, w = jnp.ones((2, 4)), jnp.ones((4, 3))
+    assert "optimization_barrier" in str(jax.make_jaxpr(grad)(x, w))
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    x, w = jnp.ones((2, 5)), jnp.ones((5, 3))  # new shapes: traced afresh, not from JAX's trace cache
+    assert "optimization_barrier" not in str(jax.make_jaxpr(grad)(x, w))
+
+
 def test_packed_rows_match_unpacked_examples():
     m = model(1)
     a, b = [5, 6, 7, 8, 9], [10, 11, 12, 13, 14, 15, 16]

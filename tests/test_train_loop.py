@@ -235,6 +235,42 @@ def test_resume_keeps_metrics_append_only_without_torn_lines_or_duplicates(tmp_p
     assert _tensorboard_steps(tmp_path) == list(range(1, 9))
 
 
+def test_steps_are_dispatched_without_fetching_metrics_in_between(tmp_path, monkeypatch):
+    """The loop waits on the device only on log / save steps, each time fetching the metrics
+    of every step since the last fetch; the next batch is on device before that wait."""
+    import jaxalign.train.loop as loop
+
+    placed, fetches, gets = [], [], []
+    to_global, fetch_metrics, device_get = loop.to_global, loop.fetch_metrics, jax.device_get
+    monkeypatch.setattr(loop, "to_global", lambda batch, mesh: placed.append(1) or to_global(batch, mesh))
+
+    def counting_fetch(pending, *args):
+        fetches.append((len(placed), [step for step, _ in pending]))
+        return fetch_metrics(pending, *args)
+
+    monkeypatch.setattr(loop, "fetch_metrics", counting_fetch)
+    monkeypatch.setattr(jax, "device_get", lambda tree: gets.append(len(placed)) or device_get(tree))
+    cfg = load_config(QUICKSTART, SMALL + [f"output_dir={tmp_path}", "train.steps=7", "train.log_every=3",
+                                           "train.save_every=0"])
+    train(cfg)
+    assert fetches == [(4, [1, 2, 3]), (7, [4, 5, 6]), (7, [7])]
+    assert [n for n in gets if n < 7] == [4]  # no other fetch before the last step (eval is off)
+    assert [r["step"] for r in read_metrics(str(tmp_path)) if "loss" in r] == [3, 6, 7]
+
+
+def test_nonfinite_step_between_fetches_is_reported_with_its_step(tmp_path):
+    """on_nonfinite=stop with metrics fetched every 5 steps: the error (at the fetch) names the
+    first non-finite step, and no checkpoint holds a state from after it."""
+    from jaxalign.errors import NonFiniteLossError
+
+    cfg = load_config(QUICKSTART, SMALL + [f"output_dir={tmp_path}", "train.steps=6", "train.log_every=5",
+                                           "train.save_every=0", "optim.learning_rate=1e30", "optim.warmup_steps=0",
+                                           "optim.max_grad_norm=null"])
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss or gradient at step 2 "):
+        train(cfg)
+    assert not os.path.exists(tmp_path / "checkpoints") or not os.listdir(tmp_path / "checkpoints")
+
+
 def test_skipping_too_many_nonfinite_steps_fails_the_run(tmp_path):
     """A learning rate that blows up with on_nonfinite=skip: the run stops with an error
     (exit status 2) once more than max_skipped_steps (default 10% of 20) were skipped."""

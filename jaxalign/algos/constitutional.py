@@ -40,7 +40,6 @@ The default constitution ships as ``jaxalign/assets/constitution.yaml``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import os
@@ -52,7 +51,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxalign.errors import ConfigError, DataError
+from jaxalign.errors import ConfigError, DataError, closest
+from jaxalign.parallel.rules import batch_size_multiple
+from jaxalign.sampling import generate, left_pad, pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,8 @@ class Constitution:
             if p.name == name:
                 return p
         names = [p.name for p in self.principles]
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        close = closest(name, names, cutoff=0.6)
+        hint = f"; did you mean {close!r}?" if close else ""
         raise ConfigError(f"principle {name!r} is not in the constitution {self.source} "
                           f"(principles: {', '.join(names)}){hint}")
 
@@ -126,8 +127,8 @@ class Constitution:
 
 
 def _suggest(key: str, valid: Sequence[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else f" (valid keys: {', '.join(valid)})"
+    close = closest(key, valid)
+    return f" (did you mean {close!r}?)" if close else f" (valid keys: {', '.join(valid)})"
 
 
 def check_template(template: str, kind: str, where: str = "") -> str:
@@ -303,38 +304,6 @@ def read_prompts(source, split: str = "train", max_rows: int | None = None, mess
 # ---------------------------------------------------------------------------- generation
 
 
-def stop_token_ids(model, tokenizer) -> tuple[int, ...]:
-    ids = [*model.config.eos_token_ids, tokenizer.eos_token_id]
-    return tuple(dict.fromkeys(int(i) for i in ids if i is not None and 0 <= i < model.config.vocab_size))
-
-
-def pad_token_id(model, tokenizer, stop: Sequence[int] = ()) -> int:
-    pad = tokenizer.pad_token_id
-    if pad is None or not 0 <= pad < model.config.vocab_size:
-        pad = model.config.pad_token_id if model.config.pad_token_id is not None else (stop[0] if stop else 0)
-    return int(pad)
-
-
-def batch_multiple(model) -> int:
-    """Rows per batch must be a multiple of this (the mesh's data x fsdp size)."""
-    if model.mesh is None:
-        return 1
-    from jaxalign.parallel.rules import batch_sharding
-
-    return int(np.prod([model.mesh.shape[a] for a in batch_sharding(model.mesh, 2).spec[0]]))
-
-
-def left_pad(rows: Sequence[Sequence[int]], pad: int, batch: int, multiple: int = 16):
-    """[batch, P] ids + mask, left-padded, P rounded up to `multiple`; missing rows repeat row 0."""
-    p = -(-max(len(r) for r in rows) // multiple) * multiple
-    ids = np.full((batch, p), pad, np.int32)
-    mask = np.zeros((batch, p), np.int32)
-    for i, r in enumerate(list(rows) + [rows[0]] * (batch - len(rows))):
-        if len(r):
-            ids[i, p - len(r):], mask[i, p - len(r):] = r, 1
-    return ids, mask
-
-
 @dataclasses.dataclass
 class Generations:
     """Per prompt: generated token ids (up to and including the stop token) and the text."""
@@ -352,10 +321,8 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
     of `stop_strings`. A prompt that leaves no room for `max_new_tokens` is an error naming it."""
     import jax
 
-    from jaxalign.sampling import generate
-
-    stop = stop_token_ids(model, tokenizer)
-    pad = pad_token_id(model, tokenizer, stop)
+    stop = stop_token_ids(model.config, tokenizer)
+    pad = pad_token_id(model.config, tokenizer, stop)
     limit = model.config.max_position_embeddings
     for i, ids in enumerate(prompt_ids):
         if len(ids) == 0:
@@ -363,13 +330,13 @@ def generate_texts(model, tokenizer, prompt_ids: Sequence[Sequence[int]], *, max
         if len(ids) + max_new_tokens > limit:
             raise DataError(f"{what} {i} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
                             f"model's context of {limit} tokens: shorten it or lower max_new_tokens")
-    m = batch_multiple(model)
+    m = batch_size_multiple(model.mesh)
     batch = -(-max(1, min(batch_size, len(prompt_ids))) // m) * m
     rng = jax.random.key(seed)
     tokens, texts, ended = [], [], []
     for start in range(0, len(prompt_ids), batch):
         chunk = [list(r) for r in prompt_ids[start:start + batch]]
-        ids, mask = left_pad(chunk, pad, batch)
+        ids, mask = left_pad(chunk, pad, batch=batch, multiple=16)
         rng, key = jax.random.split(rng)
         out = generate(model, ids, mask, key, max_new_tokens=max_new_tokens, temperature=temperature,
                        top_p=top_p, top_k=top_k, eos_token_ids=stop, pad_token_id=pad)

@@ -1,5 +1,5 @@
-"""Pairwise preference losses: the DPO family and the Bradley–Terry reward-model loss,
-plus the length-bias metrics reported at eval.
+"""Pairwise preference losses: the DPO family (with ORPO) and the Bradley–Terry reward-model
+loss, KTO's loss on unpaired feedback, plus the length-bias metrics reported at eval.
 
 Pure functions of per-pair scalars `[B]` (pair `i` = chosen `i` vs rejected `i`); the
 math is f32 whatever the input dtype. Everything except `length_bias_metrics` (host-side
@@ -19,15 +19,18 @@ import jax.numpy as jnp
 import numpy as np
 
 DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
-                  "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop")
+                  "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "orpo")
 """Every `loss_type` `dpo` accepts."""
 
-LENGTH_NORMALIZED_LOSS_TYPES = ("ipo", "simpo")
+LENGTH_NORMALIZED_LOSS_TYPES = ("ipo", "simpo", "orpo")
 """Loss types whose log-probs should be length-averaged (sum over response tokens / number
 of response tokens) by the caller; every other type expects plain sums over the response."""
 
-REFERENCE_FREE_LOSS_TYPES = ("simpo",)
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
 """Loss types that ignore the reference log-probs (they may be None)."""
+
+_LOG_PROB_CAP = -1e-6
+"""ORPO's odds need log p < 0: average log-probs are capped here (p = 1 would give log(1 - p) = -inf)."""
 
 
 def _f32(x):
@@ -36,7 +39,7 @@ def _f32(x):
 
 def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_rejected_logps=None, *,
         beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0, simpo_gamma: float = 0.0,
-        discopop_tau: float = 0.05):
+        discopop_tau: float = 0.05, margin=None):
     """Per-pair DPO-family losses `[B]` and implicit rewards `[B]`, `[B]`.
 
     Args:
@@ -49,6 +52,8 @@ def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_r
         robust, exo_pair, aot, aot_unpaired, simpo).
       simpo_gamma: γ, SimPO's target reward margin (TRL's CPOConfig default is 0.5).
       discopop_tau: τ of DiscoPOP's log-ratio modulation (TRL default 0.05).
+      margin: optional `[B]` offset m ("sigmoid" only): z = βh - m, so the chosen response must
+        win by m (ODPO, Amini et al. 2024, arXiv:2402.10571, with m from score gaps).
 
     The formula is applied to the log-probs as given. What to pass (TRL 1.16 conventions):
       - sums over response tokens: every type except those below;
@@ -83,6 +88,11 @@ def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_r
       apo_down  σ(βρ_c) + (1 - σ(β(ρ_c - ρ_r)))  ditto, Eq. 8
       discopop  (1-m) (-log σ(z)) + m exp(-z), m = σ(z/τ)
                                                  DiscoPOP, Chris Lu et al. 2024 (arXiv:2406.08414), Eq. 5
+      orpo      -β log σ(o), o = `orpo_log_odds(π_c, π_r)`
+                                                 ORPO's odds-ratio term, Hong et al. 2024 (arXiv:2403.07691),
+                                                 Eq. 6-7 (β is their λ, TRL's ORPOConfig.beta); reference-free,
+                                                 π length-averaged. ORPO's loss adds the chosen reply's NLL
+                                                 per token, which the DPO objective does (`nll_loss`)
     with ρ = π - ref (per-response log-ratio) and r = βρ.
 
     Returns:
@@ -93,6 +103,8 @@ def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_r
     """
     if loss_type not in DPO_LOSS_TYPES:
         raise ValueError(f"dpo: unknown loss_type={loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
+    if margin is not None and loss_type != "sigmoid":
+        raise ValueError(f"dpo: a margin (offset) works with loss_type='sigmoid' only, got loss_type={loss_type!r}")
     _check_smoothing(loss_type, label_smoothing)
     eps = label_smoothing
     pc, pr = _f32(policy_chosen_logps), _f32(policy_rejected_logps)
@@ -104,6 +116,8 @@ def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_r
     if loss_type == "simpo":
         z = beta * (pc - pr) - simpo_gamma
         return smoothed_sigmoid(z), beta * pc, beta * pr
+    if loss_type == "orpo":
+        return -beta * log_sig(orpo_log_odds(pc, pr)), beta * pc, beta * pr
 
     if ref_chosen_logps is None or ref_rejected_logps is None:
         raise ValueError(f"dpo: loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps; "
@@ -115,7 +129,7 @@ def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_r
     chosen_rewards, rejected_rewards = beta * rho_c, beta * rho_r
 
     if loss_type == "sigmoid":
-        losses = smoothed_sigmoid(z)
+        losses = smoothed_sigmoid(z if margin is None else z - _f32(margin))
     elif loss_type == "hinge":
         losses = jax.nn.relu(1.0 - z)
     elif loss_type == "ipo":
@@ -147,6 +161,19 @@ def dpo(policy_chosen_logps, policy_rejected_logps, ref_chosen_logps=None, ref_r
     return losses, chosen_rewards, rejected_rewards
 
 
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (as TRL's ORPOTrainer)."""
+    return jnp.where(x < -0.6931471805599453, jnp.log1p(-jnp.exp(x)), jnp.log(-jnp.expm1(x)))
+
+
+def orpo_log_odds(chosen_logps, rejected_logps):
+    """ORPO's log odds ratio `[B]`: log(odds(y_c) / odds(y_r)), odds(y) = p / (1 - p), from the
+    average per-token log-probs `[B]` of each response (capped just below 0)."""
+    pc = jnp.minimum(_f32(chosen_logps), _LOG_PROB_CAP)
+    pr = jnp.minimum(_f32(rejected_logps), _LOG_PROB_CAP)
+    return (pc - pr) - (_log1mexp(pc) - _log1mexp(pr))
+
+
 def _check_smoothing(loss_type: str, eps) -> None:
     try:
         eps = float(eps)
@@ -158,6 +185,45 @@ def _check_smoothing(loss_type: str, eps) -> None:
         raise ValueError(f"dpo: loss_type='robust' needs label_smoothing < 0.5 (it divides by 1 - 2ε), got {eps}")
     if loss_type == "exo_pair" and eps <= 0.0:
         raise ValueError("dpo: loss_type='exo_pair' needs label_smoothing > 0 (log ε); TRL suggests 1e-3")
+
+
+# ---------------------------------------------------------------------------- KTO
+
+
+def kto(policy_logps, ref_logps, desirable, reference_point, *, beta: float = 0.1, desirable_weight: float = 1.0,
+        undesirable_weight: float = 1.0):
+    """Per-example KTO losses `[B]` and implicit rewards `[B]` for unpaired feedback.
+
+    Args:
+      policy_logps, ref_logps: `[B]` summed response log-probs under the policy / reference.
+      desirable: `[B]` bool (or 1/0): the example's label.
+      reference_point: z0, a scalar (see `kto_reference_point`), a constant here.
+      beta, desirable_weight, undesirable_weight: β, λ_D, λ_U.
+
+    With ρ = π - ref (KTO, Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 7; TRL's
+    `KTOTrainer`, loss_type "kto"):
+      desirable    λ_D (1 - σ(β(ρ - z0)))
+      undesirable  λ_U (1 - σ(β(z0 - ρ)))
+    Rewards are βρ. The batch loss is `losses.mean()` over the examples (TRL's reduction).
+    """
+    rho = _f32(policy_logps) - _f32(ref_logps)
+    z0 = jax.lax.stop_gradient(_f32(reference_point))
+    good = jnp.asarray(desirable).astype(bool)
+    losses = jnp.where(good, desirable_weight * (1.0 - jax.nn.sigmoid(beta * (rho - z0))),
+                       undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - rho))))
+    return losses, beta * rho
+
+
+def kto_reference_point(kl_logps, ref_kl_logps, valid=None):
+    """KTO's reference point z0: max(0, mean(π(y'|x) - ref(y'|x))) over mismatched pairs
+    (prompt x with another example's completion y'), `[B]` summed log-probs each; `valid`
+    `[B]` masks padding rows. No gradient flows through it (TRL computes it under no_grad)."""
+    diff = _f32(kl_logps) - _f32(ref_kl_logps)
+    if valid is None:
+        mean = jnp.mean(diff)
+    else:
+        mean = jnp.sum(jnp.where(valid, diff, 0.0)) / jnp.maximum(jnp.sum(valid), 1)
+    return jax.lax.stop_gradient(jnp.maximum(mean, 0.0))
 
 
 # ---------------------------------------------------------------------------- reward model

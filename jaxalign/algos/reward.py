@@ -19,182 +19,25 @@ rejected score, and length bias: `length_correlation` (Pearson r of score vs res
 length over all responses), `accuracy_chosen_shorter` / `accuracy_chosen_longer`
 (accuracy on pairs whose chosen response is shorter / longer), `frac_chosen_shorter`.
 
-This module also holds what reward and DPO share: loading/checking preference data
-(`load_preference_examples`), the pair batch iterator (`PairBatches`), and running a
-jitted per-pair function over a dataset (`per_pair_outputs`).
+What reward models share with the DPO family, KTO and online DPO (pair data, batches,
+per-pair runners) lives in `jaxalign.algos.pairs`.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.data.batching import BatchIterator
-from jaxalign.errors import ConfigError, DataError
+from jaxalign.algos.pairs import (check_batch_size, concat_sides, length_bias, load_preference_examples, masked_sums,
+                                  pair_iterator, pair_runner, per_pair_outputs, response_lengths)
+from jaxalign.errors import ConfigError
+from jaxalign.peft import lora
 
 log = logging.getLogger(__name__)
-
-SIDES = ("chosen", "rejected")
-_HH_ASSISTANT = "\n\nAssistant:"
-
-
-# ----------------------------------------------------------------------------- data
-
-
-def check_shared_prompts(rows, on_bad_row: str):
-    """Rows of the implicit preference format whose chosen and rejected texts share no prompt.
-
-    Implicit rows take the prompt from the common prefix of chosen and rejected: when the
-    two have no shared prefix (text: nothing before the last common whitespace;
-    conversations: no common leading message), or, for hh-rlhf style texts, when the shared
-    prefix stops inside the human turn (the prompts differ), there is no prompt to condition
-    on. Returns `(kept_rows, {reason: count})`; with `on_bad_row="error"` raises a
-    `DataError` naming the first such row instead.
-    """
-    from jaxalign.data import split_implicit_messages, split_implicit_prompt
-    from jaxalign.data.formats import is_conversational
-
-    kept, dropped = [], {}
-    for i, row in enumerate(rows):
-        c, r = row.get("chosen"), row.get("rejected")
-        reason = None
-        if isinstance(c, str) and isinstance(r, str) and c != r:
-            prompt, _, _ = split_implicit_prompt(c, r)
-            if not prompt.strip():
-                reason, why = "no_shared_prompt", "chosen and rejected share no prompt (no common prefix)"
-            elif _HH_ASSISTANT in c and _HH_ASSISTANT in r and not prompt.endswith(_HH_ASSISTANT):
-                reason, why = "prompt_mismatch", "chosen and rejected have different prompts (their human turns differ)"
-        elif is_conversational(c) and is_conversational(r) and list(c) != list(r):
-            prompt, _, _ = split_implicit_messages(list(c), list(r))
-            if not prompt:
-                reason, why = "no_shared_prompt", "chosen and rejected conversations share no leading message"
-        if reason is None:
-            kept.append(row)
-            continue
-        if on_bad_row == "error":
-            raise DataError(f"row {i}: {why} (format implicit_preference); fix the row or pass on_bad_row='drop'")
-        dropped[reason] = dropped.get(reason, 0) + 1
-    return kept, dropped
-
-
-def load_preference_examples(cfg, tokenizer, which: str, max_prompt_length: int | None = None):
-    """`(pairs, DataStats)` of the train or eval (`which`) preference data per `cfg.data`
-    (`(None, None)` when that split is not configured).
-
-    Pairs are `tokenize_preference`'s (`prompt_ids`, `chosen_ids`, `rejected_ids`, `margin`).
-    Bad rows (missing or null column, empty response, chosen == rejected, implicit rows
-    without a shared prompt, a non-numeric margin) are dropped and counted in the stats'
-    `drop_reasons`, or raise a `DataError` naming the row when `data.on_bad_row=error`.
-    """
-    from jaxalign.data import configured_rows, detect_format, tokenize_preference
-
-    d = cfg.data
-    source = d.train if which == "train" else d.eval
-    rows = configured_rows(d, which)
-    if rows is None:
-        return None, None
-    fmt = detect_format(rows, kind="preference")
-    pre_dropped: dict[str, int] = {}
-    if fmt == "implicit_preference":
-        rows, pre_dropped = check_shared_prompts(rows, d.on_bad_row)
-        if not rows:
-            raise DataError(f"every row of {source} was dropped: {pre_dropped}; implicit preference rows need "
-                            "chosen and rejected texts that share their prompt")
-    pairs, stats = tokenize_preference(rows, tokenizer, max_length=d.max_length, max_prompt_length=max_prompt_length,
-                                       truncation=d.truncation, format=fmt, on_bad_row=d.on_bad_row)
-    for reason, n in pre_dropped.items():
-        stats.rows += n
-        stats.dropped += n
-        stats.drop_reasons[reason] = stats.drop_reasons.get(reason, 0) + n
-    if stats.dropped:
-        log.warning("%s data %s: dropped %d of %d rows %s", which, source, stats.dropped, stats.rows, stats.drop_reasons)
-    if not pairs:
-        raise DataError(f"no usable preference pairs in {source}: every row was dropped ({stats.rows} rows; "
-                        f"{stats.drops()}); fix the rows, or check data.max_length")
-    return pairs, stats
-
-
-class PairBatches(BatchIterator):
-    """`BatchIterator` over preference pairs that also carries per-pair float fields of the
-    examples (`extra_keys`, e.g. precomputed reference log-probs) as `[B]` float32 arrays
-    (0 on all-padding rows)."""
-
-    def __init__(self, examples, *args, extra_keys=(), **kwargs):
-        super().__init__(examples, *args, **kwargs)
-        self.extra_keys = tuple(extra_keys)
-
-    def _materialize(self, batch):
-        out = super()._materialize(batch)
-        lo = self.process_index * self.local_batch_size
-        local = batch[lo: lo + self.local_batch_size]
-        for key in self.extra_keys:
-            out[key] = np.array([float(self.examples[row[0]][key]) if row else 0.0 for row in local], np.float32)
-        return out
-
-
-def check_batch_size(cfg, mesh) -> None:
-    from jaxalign.algos.sft import data_parallel_size
-
-    dp = data_parallel_size(mesh) if mesh is not None else 1
-    if cfg.train.batch_size % (dp * cfg.train.grad_accum):
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} (pairs) must be divisible by data x fsdp ({dp}) x "
-                          f"train.grad_accum ({cfg.train.grad_accum})")
-
-
-def pair_iterator(cfg, pairs, tokenizer, *, train: bool, extra_keys=()) -> PairBatches:
-    """Batches of `cfg.train.batch_size` pairs (train: shuffled, endless; eval: in order, one
-    pass, last batch filled with all-padding rows)."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    common = dict(batch_size=cfg.train.batch_size, pad_id=pad, buckets=cfg.data.buckets, seq_len=cfg.data.max_length,
-                  process_index=jax.process_index(), process_count=jax.process_count(), extra_keys=extra_keys)
-    if train:
-        return PairBatches(pairs, seed=cfg.train.seed, shuffle=True, **common)
-    return PairBatches(pairs, shuffle=False, drop_last=False, num_epochs=1, **common)
-
-
-def concat_sides(batch: dict) -> dict:
-    """`chosen_*` and `rejected_*` `[B, T]` arrays -> one `[2B, T]` batch (chosen rows first)."""
-    keys = ("input_ids", "attention_mask", "loss_mask", "positions", "segment_ids")
-    return {k: jnp.concatenate([batch[f"chosen_{k}"], batch[f"rejected_{k}"]], axis=0) for k in keys}
-
-
-def pair_runner(fn: Callable, mesh) -> Callable:
-    """`fn(params, batch) -> {name: [B]}` jitted once with replicated outputs (every process
-    gets every row's values); pass the result to `per_pair_outputs`."""
-    if mesh is None:
-        return jax.jit(fn)
-    from jax.sharding import NamedSharding, PartitionSpec
-
-    return jax.jit(fn, out_shardings=NamedSharding(mesh, PartitionSpec()))
-
-
-def per_pair_outputs(runner: Callable, params, batches, mesh, num_pairs: int) -> dict[str, np.ndarray]:
-    """Run `runner` (from `pair_runner`) over `batches` of pairs in dataset order and return
-    `{name: [num_pairs]}` host arrays; padding rows past the end are dropped."""
-    from jaxalign.train.loop import to_global
-
-    chunks: dict[str, list] = {}
-    for batch in batches:
-        arrays = to_global(batch, mesh) if mesh is not None else {k: jnp.asarray(v) for k, v in batch.items()}
-        for k, v in runner(params, arrays).items():
-            chunks.setdefault(k, []).append(np.asarray(jax.device_get(v)))
-    return {k: np.concatenate(v)[:num_pairs] for k, v in chunks.items()}
-
-
-def response_lengths(batch: dict) -> tuple[jax.Array, jax.Array]:
-    """Response tokens `[B]` of each side (the loss_mask counts; 0 on padding rows)."""
-    return tuple(jnp.sum(batch[f"{s}_loss_mask"], axis=1).astype(jnp.float32) for s in SIDES)
-
-
-def masked_sums(values: dict[str, jax.Array], valid) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """`{name: [B] values}` -> `{name: (sum over valid rows, number of valid rows)}`."""
-    n = jnp.sum(valid).astype(jnp.float32)
-    return {k: (jnp.sum(jnp.where(valid, v.astype(jnp.float32), 0.0)), n) for k, v in values.items()}
-
 
 # ----------------------------------------------------------------------------- reward objective
 
@@ -220,7 +63,7 @@ def reward_sums(params, config, batch: dict, center_rewards_coefficient: float =
     """`{name: (sum, count)}` over the valid pairs of a batch: loss (Bradley–Terry with the
     batch's `margin`, + centering), accuracy (chosen scored strictly higher), margin (mean
     r_c - r_r), chosen / rejected (mean scores)."""
-    from jaxalign.losses import reward_pairwise
+    from jaxalign.algos.preference_losses import reward_pairwise
 
     out = reward_pair_scores(params, config, batch)
     rc, rr, valid = out["chosen"], out["rejected"], out["valid"]
@@ -228,19 +71,11 @@ def reward_sums(params, config, batch: dict, center_rewards_coefficient: float =
     return masked_sums({"loss": losses, "accuracy": rc > rr, "margin": rc - rr, "chosen": rc, "rejected": rr}, valid)
 
 
-def length_bias(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths) -> dict[str, float]:
-    """`ja.losses.length_bias_metrics` without its duplicate `accuracy` entry."""
-    from jaxalign.losses import length_bias_metrics
-
-    out = length_bias_metrics(chosen_scores, rejected_scores, chosen_lengths, rejected_lengths)
-    out.pop("accuracy", None)
-    return out
-
 
 def build(cfg, model, tokenizer):
     """The reward-model objective: pairs from `cfg.data`, the Bradley–Terry loss, a fresh
     score head on a causal-LM checkpoint, host-side eval with length-bias metrics."""
-    from jaxalign.losses import reward_pairwise
+    from jaxalign.algos.preference_losses import reward_pairwise
     from jaxalign.models import heads
     from jaxalign.train.objective import Objective
 
@@ -266,9 +101,7 @@ def build(cfg, model, tokenizer):
         return heads.add_score_head(params, config, jax.random.key(cfg.model.seed + 3), r.head_init_std, mesh)
 
     trainable_mask = None
-    if cfg.lora.rank > 0:
-        from jaxalign.peft import lora
-
+    if lora.has_lora(model.params):
         def trainable_mask(params):  # adapters and the whole score head
             mask = lora.trainable_mask({k: v for k, v in params.items() if k != "score"})
             return {**mask, "score": jax.tree.map(lambda _: True, params["score"])}

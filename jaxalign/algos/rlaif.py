@@ -41,21 +41,19 @@ import numpy as np
 
 from jaxalign.algos.constitutional import (
     Constitution,
-    batch_multiple,
     check_template,
     encode_text,
     generate_texts,
-    left_pad,
     load_constitution,
-    pad_token_id,
     render_messages,
-    stop_token_ids,
     use_chat,
     write_rows,
 )
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.llama import hidden_states, unembed
 from jaxalign.models.model import Model, _TreeKey, positions_from_mask
+from jaxalign.parallel.rules import batch_size_multiple
+from jaxalign.sampling import left_pad, pad_token_id, stop_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +152,7 @@ class Judge:
         if len(s.choices) != 2 or len(set(s.choices)) != 2 or not all(isinstance(c, str) and c for c in s.choices):
             raise ConfigError(f"choices must be two different non-empty strings, got {s.choices!r}")
         self.chat = use_chat(tokenizer, s.chat)
-        self.pad = pad_token_id(model, tokenizer, stop_token_ids(model, tokenizer))
+        self.pad = pad_token_id(model.config, tokenizer, stop_token_ids(model.config, tokenizer))
         probe = self.render("x", "y", "z", "w")
         self.labels = self._label_tokens(probe)
         log.info("judge labels (%s scoring): %s", self.labels.scoring, self.labels.describe())
@@ -217,11 +215,11 @@ class Judge:
     # -- scoring
 
     def _batches(self, rows: list[list[int]]):
-        m = batch_multiple(self.model)
+        m = batch_size_multiple(self.model.mesh)
         batch = -(-max(1, min(self.settings.batch_size, len(rows))) // m) * m
         for start in range(0, len(rows), batch):
             chunk = rows[start:start + batch]
-            ids, mask = left_pad(chunk, self.pad, batch, multiple=32)
+            ids, mask = left_pad(chunk, self.pad, batch=batch, multiple=32)
             yield len(chunk), ids, mask
 
     def _fn(self, kind: str, k: int = 0):

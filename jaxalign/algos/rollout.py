@@ -1,20 +1,21 @@
 """RL rollouts: prompts -> sampled responses -> per-token log-probs, values and scores.
 
-The pieces `jaxalign.algos.ppo` (PPO, GRPO, RLOO) builds its experience from:
+The pieces the RL stages (`jaxalign.algos.rl_loop`: PPO, GRPO, RLOO) are made of:
 
 * `load_prompts`: rows with a `prompt` (string or chat messages) -> token ids, left-truncated
-  to `max_prompt_length` (BOS kept) or skipped, with counts.
-* `sample`: left-pads a batch of prompts to a fixed length P, samples N tokens with the
-  KV-cache sampler (`jaxalign.sampling.generate`) and returns the whole sequences
-  `[B, P + N]`: prompt in columns `< P`, response in columns `>= P`.
+  to `max_prompt_length` (BOS kept) or skipped, with counts; `prompt_batch`: some of them
+  left-padded to a fixed length P, each repeated `group_size` times.
+* `sample`: samples N tokens with the KV-cache sampler (`jaxalign.sampling.generate`) and
+  returns the whole sequences `[B, P + N]`: prompt in columns `< P`, response in columns `>= P`.
 * `response_logprobs` / `response_values`: full forward passes over those sequences that
   score response token `i` (column `P + i`) from position `P + i - 1`, at the rollout
   temperature: the same numbers the sampler reported (up to float noise) and the ones the
-  PPO ratio compares against.
+  PPO ratio compares against; `experience_forward`: policy, reference and value in one jit.
 * `RewardModel`: a `*ForSequenceClassification` reward model read at the last real token,
   re-tokenizing the decoded text when its tokenizer differs from the policy's.
 * `load_reward_fn`: a Python `"module:function"` reward `(prompts, completions) -> scores`;
-  `RewardFunctions`: several of them with weights.
+  `RewardFunctions`: several of them with weights; `score`: either, with the missing-EOS
+  penalty.
 
 Conventions: pad and EOS are distinct; `response_mask[b, i] = 1` on generated tokens up to
 and including the first stop token (what the sampler returns); everything after is pad.
@@ -23,6 +24,7 @@ and including the first stop token (what the sampler returns); everything after 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import logging
 from typing import Callable, Sequence
@@ -38,6 +40,7 @@ from jaxalign.models.config import ModelConfig
 from jaxalign.models.llama import hidden_states
 from jaxalign.models.model import positions_from_mask
 from jaxalign.parallel.rules import batch_sharding
+from jaxalign.sampling import generate, left_pad
 
 log = logging.getLogger(__name__)
 
@@ -97,14 +100,12 @@ def load_prompts(rows, tokenizer, *, max_prompt_length: int, truncation: str = "
     return Prompts(ids, texts, stats)
 
 
-def left_pad(rows: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """`[n, length]` ids and mask (1 = real) with every row right-aligned (left padding)."""
-    ids = np.full((len(rows), length), pad_id, np.int32)
-    mask = np.zeros((len(rows), length), np.int32)
-    for i, r in enumerate(rows):
-        if len(r):
-            ids[i, length - len(r):], mask[i, length - len(r):] = r, 1
-    return ids, mask
+def prompt_batch(prompts: Prompts, idx, group: int, s: RolloutSettings) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Prompt rows `idx`, each repeated `group` times (consecutive rows): ids and mask `[b, P]`
+    left-padded to `s.prompt_length`, and the texts a reward function sees."""
+    ids, mask = left_pad([prompts.ids[i] for i in idx], s.pad_token_id, length=s.prompt_length)
+    texts = [prompts.texts[i] for i in idx for _ in range(group)]
+    return np.repeat(ids, group, axis=0), np.repeat(mask, group, axis=0), texts
 
 
 # ---------------------------------------------------------------------------- host <-> global
@@ -160,8 +161,6 @@ def sample(params, config: ModelConfig, prompt_ids: np.ndarray, prompt_mask: np.
     (prompt then response), `response_mask` `[b, N]`, `sampler_logprobs` `[b, N]`,
     `eos` `[b]` (1 if the response ended with a stop token).
     """
-    from jaxalign.sampling import generate
-
     out = generate((params, config), to_global(prompt_ids, mesh), to_global(prompt_mask, mesh), rng,
                    max_new_tokens=s.response_length, temperature=0.0 if greedy else s.temperature,
                    top_k=s.top_k, top_p=s.top_p, eos_token_ids=s.eos_token_ids, pad_token_id=s.pad_token_id,
@@ -200,6 +199,23 @@ def response_values(value_params, config: ModelConfig, input_ids, attention_mask
 
     v = token_values(value_params, config, input_ids, attention_mask)
     return v[:, prompt_length - 1: input_ids.shape[1] - 1].astype(jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "value_config", "prompt_length", "temperature", "chunk_size"))
+def experience_forward(policy, reference, value, input_ids, attention_mask, *, config: ModelConfig,
+                       value_config: ModelConfig | None, prompt_length: int, temperature: float,
+                       chunk_size: int | None = None):
+    """(logp, entropy, ref_logp, values) `[B, N]` of a sampled batch, one jit: the policy's
+    log-probs (the PPO "old" ones) and entropy, the reference's log-probs (= logp without a
+    reference) and the value model's values (0 without one)."""
+    logp, entropy = response_logprobs(policy, config, input_ids, attention_mask, prompt_length,
+                                      temperature=temperature, chunk_size=chunk_size)
+    ref_logp = logp if reference is None else response_logprobs(
+        reference, config, input_ids, attention_mask, prompt_length, temperature=temperature,
+        chunk_size=chunk_size)[0]
+    values = (jnp.zeros_like(logp) if value is None
+              else response_values(value, value_config, input_ids, attention_mask, prompt_length))
+    return logp, entropy, ref_logp, values
 
 
 # ---------------------------------------------------------------------------- rewards
@@ -343,6 +359,19 @@ def decode_responses(tokenizer, batch: dict[str, np.ndarray], prompt_length: int
     """Response texts (special tokens such as EOS dropped) of the local rows of a `sample` batch."""
     resp = batch["input_ids"][:, prompt_length:]
     return [tokenizer.decode(r[m > 0], skip_special_tokens=True) for r, m in zip(resp, batch["response_mask"])]
+
+
+def score(batch: dict[str, np.ndarray], texts: list[str], reward: RewardModel | RewardFunctions, tokenizer,
+          prompt_length: int, missing_eos_penalty: float = 0.0):
+    """(raw `[b]`, scores `[b]`, {reward function name: its scores `[b]`}) of the local rows of
+    a `sample` batch: the reward model at the last real token, or the reward functions on
+    (`texts`, the decoded completions); `scores` = raw minus `missing_eos_penalty` where a
+    response ended without a stop token."""
+    if isinstance(reward, RewardModel):
+        raw, parts = reward(batch, prompt_length), {}
+    else:
+        raw, parts = reward(texts, decode_responses(tokenizer, batch, prompt_length))
+    return raw, raw - (missing_eos_penalty or 0.0) * (1 - batch["eos"]), parts
 
 
 def tree_bytes(tree) -> int:

@@ -38,16 +38,13 @@ def load_sft_examples(cfg, tokenizer, which: str):
     if rows is None:
         return None, None
     examples, stats = tokenize_sft(rows, tokenizer, max_length=d.max_length, truncation=d.truncation,
-                                   completion_only=d.completion_only_loss, on_bad_row=d.on_bad_row)
+                                   completion_only=d.completion_only_loss, on_bad_row=d.on_bad_row,
+                                   columns=d.columns, system_prompt=d.system_prompt)
     if not examples:
         source = d.train if which == "train" else d.eval
         raise DataError(f"every row of data.{which} {source} was dropped ({stats.rows} rows; {stats.drops()}); "
                         "fix the rows, or check data.max_length")
     return examples, stats
-
-
-def data_parallel_size(mesh) -> int:
-    return mesh.shape["data"] * mesh.shape["fsdp"]
 
 
 def build(cfg, model, tokenizer):
@@ -56,14 +53,9 @@ def build(cfg, model, tokenizer):
 
     from jaxalign.data import BatchIterator
     from jaxalign.errors import ConfigError
-    from jaxalign.train.objective import Objective
+    from jaxalign.train.objective import Objective, check_batch_size
 
-    dp = data_parallel_size(model.mesh)
-    if cfg.train.batch_size % (dp * cfg.train.grad_accum):
-        raise ConfigError(
-            f"train.batch_size={cfg.train.batch_size} must be divisible by data x fsdp ({dp}) x "
-            f"train.grad_accum ({cfg.train.grad_accum})"
-        )
+    check_batch_size(cfg.train, model.mesh)
     if cfg.data.train is None:
         raise ConfigError("data.train is not set; give a Hub dataset name or a local json/jsonl/parquet file")
     examples, stats = load_sft_examples(cfg, tokenizer, "train")

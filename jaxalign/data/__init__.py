@@ -2,7 +2,7 @@
 
 * :mod:`~jaxalign.data.sources`: :func:`load_rows` (Hub name, local JSON/JSONL/parquet, list of dicts).
 * :mod:`~jaxalign.data.formats`: format detection, chat templates, :func:`tokenize_sft`,
-  :func:`tokenize_preference` (loss-mask convention: ``loss_mask[t] = 1`` = token ``t`` is a target).
+  :func:`tokenize_preference`, :func:`tokenize_unpaired`, :func:`map_columns` (loss-mask convention: ``loss_mask[t] = 1`` = token ``t`` is a target).
 * :mod:`~jaxalign.data.batching`: bucketed padding, packing, :class:`BatchIterator`.
 * :mod:`~jaxalign.data.tokenizer`: the embedded character-level tokenizer, :func:`load_tokenizer`.
 * :mod:`~jaxalign.data.tasks`: the embedded copy/reverse task, :func:`check_answer`, :func:`quickstart_dir`.
@@ -35,12 +35,14 @@ from jaxalign.data.formats import (
     chat_pieces,
     detect_format,
     is_conversational,
+    map_columns,
     render_chat,
     split_implicit_messages,
     split_implicit_prompt,
     tokenize_pieces,
     tokenize_preference,
     tokenize_sft,
+    tokenize_unpaired,
 )
 from jaxalign.data.sources import column_names, configured_rows, load_rows
 from jaxalign.data.tokenizer import build_tokenizer, ensure_pad_token, load_tokenizer
@@ -61,8 +63,8 @@ __all__ = [
     "BATCH_KEYS", "BatchIterator", "bucket_for", "default_buckets", "first_fit_pack", "pack_batch",
     "pad_batch", "pad_pairs", "pair_sequences",
     "FORMATS", "PREFERENCE_FORMATS", "SFT_FORMATS", "DataStats", "chat_pieces", "detect_format",
-    "is_conversational", "render_chat", "split_implicit_messages", "split_implicit_prompt",
-    "tokenize_pieces", "tokenize_preference", "tokenize_sft",
+    "is_conversational", "map_columns", "render_chat", "split_implicit_messages", "split_implicit_prompt",
+    "tokenize_pieces", "tokenize_preference", "tokenize_sft", "tokenize_unpaired",
     "column_names", "configured_rows", "load_rows",
     "check_answer", "expected_answer", "quickstart_dir", "quickstart_file", "score",
     "build_tokenizer", "ensure_pad_token", "load_tokenizer",

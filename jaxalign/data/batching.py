@@ -122,6 +122,8 @@ def pad_pairs(pairs: Sequence[Mapping[str, Any] | None], length: int, pad_id: in
 def _length(item: Mapping[str, Any]) -> int:
     if "input_ids" in item:
         return len(item["input_ids"])
+    if "completion_ids" in item:
+        return len(item["prompt_ids"]) + len(item["completion_ids"])
     return len(item["prompt_ids"]) + max(len(item["chosen_ids"]), len(item["rejected_ids"]))
 
 
@@ -164,7 +166,8 @@ class BatchIterator:
     """Deterministic, resumable iterator of batches (dicts of numpy arrays, see module doc).
 
     ``examples``: SFT examples (``input_ids``, ``loss_mask``) or preference pairs
-    (``prompt_ids``, ``chosen_ids``, ``rejected_ids``[, ``margin``]).
+    (``prompt_ids``, ``chosen_ids``, ``rejected_ids``[, ``margin``]); unpaired examples
+    (``prompt_ids``, ``completion_ids``) need a subclass that builds their batches (KTO's).
     ``batch_size``: the *global* batch size in rows; this process yields rows
     ``[process_index * B/P, (process_index + 1) * B/P)`` of each global batch, so each
     yielded batch has ``B // process_count`` rows. The global batch sequence depends only
@@ -216,10 +219,12 @@ class BatchIterator:
             )
         self.examples = examples
         self.pairs = "input_ids" not in examples[0]
-        if self.pairs and not {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(examples[0]):
+        keys = set(examples[0])
+        if self.pairs and not ({"prompt_ids", "chosen_ids", "rejected_ids"} <= keys
+                               or {"prompt_ids", "completion_ids"} <= keys):
             raise DataError(
-                f"examples must have input_ids + loss_mask (SFT) or prompt_ids + chosen_ids + rejected_ids "
-                f"(preference); got keys {sorted(examples[0])}"
+                f"examples must have input_ids + loss_mask (SFT), prompt_ids + chosen_ids + rejected_ids "
+                f"(preference) or prompt_ids + completion_ids (unpaired); got keys {sorted(examples[0])}"
             )
         self.batch_size = batch_size
         self.local_batch_size = batch_size // process_count

@@ -12,6 +12,17 @@ Formats (TRL's names; "conversational" when the fields are lists of ``{role, con
 * ``preference``: ``prompt`` + ``chosen`` + ``rejected`` [+ ``margin``].
 * ``implicit_preference``: ``chosen`` + ``rejected`` [+ ``margin``], whole texts or
   conversations; the prompt is their shared prefix (see :func:`split_implicit_prompt`).
+  A ``prompt`` string next to ``chosen``/``rejected`` conversations that already hold the
+  user turn (UltraFeedback-binarized) is checked against their head and stripped off them.
+  Paired formats may carry ``score_chosen`` + ``score_rejected`` (filtered by ``min_score_gap``).
+* ``unpaired_preference``: ``prompt`` + ``completion`` + ``label`` (bool: desirable or not; KTO).
+* ``prompt_only``: ``prompt`` alone (online methods sample the completions).
+
+Columns with other names are mapped with ``columns`` (our name -> the dataset's,
+:func:`map_columns`). A system prompt (``system_prompt``, or a row's ``system`` column, which
+wins) is put before conversations as a system message; a string prompt then becomes a user
+turn (and string responses assistant turns). Conversations that start with a system message
+keep theirs.
 
 Loss-mask convention: an example is ``input_ids`` int32 ``[T]`` and ``loss_mask`` int32
 ``[T]``; ``loss_mask[t] = 1`` means token ``t`` is a target, predicted from tokens ``< t``
@@ -49,17 +60,24 @@ from typing import Any
 import numpy as np
 
 from jaxalign.data.sources import column_names
-from jaxalign.errors import DataError
+from jaxalign.errors import DataError, closest
 
 SFT_FORMATS = ("language_modeling", "prompt_completion", "alpaca")
 PREFERENCE_FORMATS = ("preference", "implicit_preference")
-FORMATS = SFT_FORMATS + PREFERENCE_FORMATS
+UNPAIRED_FORMAT = "unpaired_preference"
+PROMPT_FORMAT = "prompt_only"
+FORMATS = SFT_FORMATS + PREFERENCE_FORMATS + (UNPAIRED_FORMAT, PROMPT_FORMAT)
+COLUMNS = ("prompt", "completion", "chosen", "rejected", "label", "margin", "score_chosen", "score_rejected",
+           "system", "messages", "text", "instruction", "input", "output")
+"""Our column names: the keys ``columns`` (``data.columns``) maps to a dataset's names."""
 
 _REQUIRED = {
     "prompt_completion": ("prompt", "completion"),
     "alpaca": ("instruction", "output"),
     "preference": ("prompt", "chosen", "rejected"),
     "implicit_preference": ("chosen", "rejected"),
+    UNPAIRED_FORMAT: ("prompt", "completion", "label"),
+    PROMPT_FORMAT: ("prompt",),
 }
 _EXPECTED = {
     "language_modeling": "'text' or 'messages'",
@@ -67,10 +85,13 @@ _EXPECTED = {
     "alpaca": "'instruction' + 'output' (+ optional 'input')",
     "preference": "'prompt' + 'chosen' + 'rejected' (+ optional 'margin')",
     "implicit_preference": "'chosen' + 'rejected' (+ optional 'margin'), prompt = shared prefix",
+    UNPAIRED_FORMAT: "'prompt' + 'completion' + 'label' (true: desirable)",
+    PROMPT_FORMAT: "'prompt' alone",
 }
 _HH_ASSISTANT = "\n\nAssistant:"
-# Drops decided by the truncation option, never errors (even with on_bad_row="error").
-_TRUNCATION_REASONS = ("too_long", "no_targets_after_truncation", "chosen_equals_rejected_after_truncation")
+# Drops decided by the truncation and filter options, never errors (even with on_bad_row="error").
+_TRUNCATION_REASONS = ("too_long", "no_targets_after_truncation", "chosen_equals_rejected_after_truncation",
+                       "score_gap_below_min")
 
 ALPACA_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -98,7 +119,9 @@ class DataStats:
 
     ``rows``: rows read; ``examples``: examples (or pairs) produced; ``truncated``: produced
     examples that were cut to ``max_length``; ``dropped``: rows not produced, by reason in
-    ``drop_reasons``, with the first such row's problem in ``first_drops``; ``format``: the format used.
+    ``drop_reasons`` (``score_gap_below_min``: filtered by ``min_score_gap``), with the first
+    such row's problem in ``first_drops``; ``format``: the format used; ``mean_score_gap``:
+    mean ``score_chosen - score_rejected`` of the pairs produced (None without scores).
     """
 
     format: str = ""
@@ -108,6 +131,7 @@ class DataStats:
     dropped: int = 0
     drop_reasons: dict[str, int] = dataclasses.field(default_factory=dict)
     first_drops: dict[str, str] = dataclasses.field(default_factory=dict)
+    mean_score_gap: float | None = None
 
     def drop(self, reason: str, detail: str = "") -> None:
         self.dropped += 1
@@ -127,6 +151,10 @@ class DataStats:
 # ----------------------------------------------------------------------------- detection
 
 
+_KINDS = {None: FORMATS, "sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS,
+          "unpaired": (UNPAIRED_FORMAT,) + PREFERENCE_FORMATS, "prompt": (PROMPT_FORMAT,)}
+
+
 def _expected_all() -> str:
     return "; ".join(f"{name}: {cols}" for name, cols in _EXPECTED.items())
 
@@ -134,15 +162,20 @@ def _expected_all() -> str:
 def detect_format(columns: Sequence[str] | Any, kind: str | None = None) -> str:
     """The format of a dataset from its column names (or the rows themselves).
 
-    ``kind``: ``"sft"``, ``"preference"`` or ``None`` (either; preference wins when
-    ``chosen``/``rejected`` exist). Raises ``DataError`` naming the columns found and the
-    formats expected.
+    ``kind``: ``"sft"``, ``"preference"`` (paired), ``"unpaired"`` (KTO: unpaired, or paired
+    rows to split), ``"prompt"`` (online methods: any rows with a ``prompt``) or ``None``
+    (any; paired preference wins when ``chosen``/``rejected`` exist, then unpaired when
+    ``label`` is next to ``prompt`` + ``completion``). Raises ``DataError`` naming the
+    columns found and the formats expected.
     """
     cols = set(columns if _is_str_seq(columns) else column_names(columns))
-    if kind not in (None, "sft", "preference"):
-        raise ValueError(f"kind must be 'sft', 'preference' or None, got {kind!r}")
-    if kind in (None, "preference") and {"chosen", "rejected"} <= cols:
+    if kind not in _KINDS:
+        raise ValueError(f"kind must be one of {list(_KINDS)}, got {kind!r}")
+    paired = {"chosen", "rejected"} <= cols
+    if kind in (None, "preference", "unpaired") and paired:
         return "preference" if "prompt" in cols else "implicit_preference"
+    if kind in (None, "unpaired") and {"prompt", "completion", "label"} <= cols:
+        return UNPAIRED_FORMAT
     if kind in (None, "sft"):
         if "messages" in cols or "text" in cols:
             return "language_modeling"
@@ -150,11 +183,13 @@ def detect_format(columns: Sequence[str] | Any, kind: str | None = None) -> str:
             return "prompt_completion"
         if {"instruction", "output"} <= cols:
             return "alpaca"
-    names = {None: FORMATS, "sft": SFT_FORMATS, "preference": PREFERENCE_FORMATS}[kind]
+    if kind in (None, "prompt") and "prompt" in cols:
+        return PROMPT_FORMAT
+    names = _KINDS[kind]
     expected = "; ".join(f"{n}: {_EXPECTED[n]}" for n in names)
     raise DataError(
         f"cannot detect the dataset format: found columns {sorted(cols)}, expected one of "
-        f"[{expected}]; rename the columns (e.g. Dataset.rename_column) to match a format"
+        f"[{expected}]; rename the columns (data.columns maps our names to the dataset's) to match a format"
     )
 
 
@@ -177,6 +212,42 @@ def _check_columns(rows, fmt: str) -> None:
             f"format {fmt} needs column(s) {missing}, which the dataset lacks; found columns {sorted(cols)}. "
             f"Expected formats: {_expected_all()}"
         )
+
+
+def map_columns(rows, columns: Mapping[str, str] | None):
+    """``rows`` with the dataset's columns renamed to ours: ``columns`` maps our name (one of
+    :data:`COLUMNS`) to the dataset's (e.g. ``{"prompt": "question", "chosen": "response_j"}``).
+
+    A column already named like a mapped one is replaced. Returns ``rows`` unchanged when
+    ``columns`` is empty; a ``datasets.Dataset`` stays one. Raises ``DataError`` for an
+    unknown name of ours or a dataset column that does not exist (both with a did-you-mean).
+    """
+    if not columns:
+        return rows
+    found = column_names(rows)
+    for ours, theirs in columns.items():
+        if ours not in COLUMNS:
+            close = closest(ours, COLUMNS)
+            raise DataError(f"data.columns: {ours!r} is not one of our column names; "
+                            + (f"did you mean {close!r}?" if close else f"ours are: {', '.join(COLUMNS)}"))
+        if not isinstance(theirs, str) or theirs not in found:
+            close = closest(theirs, found)
+            raise DataError(f"data.columns.{ours}={theirs!r}: the dataset has no column {theirs!r}"
+                            + (f"; did you mean {close!r}?" if close else "") + f" (found columns {sorted(found)})")
+    shared = [c for c in set(columns.values()) if list(columns.values()).count(c) > 1]
+    if shared:
+        raise DataError(f"data.columns maps several of our columns to {shared[0]!r}; map each column once")
+    rename = {theirs: ours for ours, theirs in columns.items() if theirs != ours}
+    replaced = [c for c in rename.values() if c in found and c not in rename]
+    if hasattr(rows, "rename_columns"):
+        return rows.remove_columns(replaced).rename_columns(rename)
+    return [{rename.get(k, k): v for k, v in r.items() if k not in replaced} for r in rows]
+
+
+def _columns_note(columns: Mapping[str, str] | None) -> str:
+    """``; data.columns: prompt='question', ...`` for row errors (so they name the dataset's columns)."""
+    mapped = {k: v for k, v in (columns or {}).items() if k != v}
+    return "; data.columns: " + ", ".join(f"{k}={v!r}" for k, v in mapped.items()) if mapped else ""
 
 
 # ----------------------------------------------------------------------------- chat helpers
@@ -204,8 +275,9 @@ def render_chat(tokenizer, messages: Sequence[Mapping], add_generation_prompt: b
     """Render ``messages`` with the tokenizer's chat template (a string, not tokens)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(
-            "the dataset is conversational (lists of {role, content}) but the tokenizer has no chat_template; "
-            "use an instruct/chat tokenizer, set tokenizer.chat_template, or convert the rows to plain strings"
+            "the dataset is conversational (lists of {role, content}, or a system prompt is set) but the tokenizer "
+            "has no chat_template; use an instruct/chat tokenizer, set tokenizer.chat_template, or convert the rows "
+            "to plain strings"
         )
     try:
         return tokenizer.apply_chat_template(
@@ -353,16 +425,67 @@ def _alpaca_prompt(row: Mapping) -> tuple[str, str]:
     return instruction, inp
 
 
-def sft_pieces(row: Mapping, fmt: str, tokenizer, completion_only: bool = True):
+def _system(row: Mapping, system_prompt: str | None) -> str | None:
+    """The row's ``system`` column when set (it wins), else ``system_prompt``."""
+    value = row.get("system")
+    if value is None:
+        return system_prompt
+    if not isinstance(value, str):
+        raise BadRow("bad_type", f"field 'system' must be a string, got {type(value).__name__}")
+    return value or system_prompt
+
+
+def _with_system(messages: list[dict], system: str | None) -> list[dict]:
+    """``messages`` after a system message holding ``system`` (unless they start with their own)."""
+    if not system or (messages and messages[0]["role"] == "system"):
+        return messages
+    return [{"role": "system", "content": system}] + messages
+
+
+def _no_system_for_text(system: str | None, what: str) -> None:
+    if system:
+        raise BadRow("system_prompt_on_text", f"a system prompt needs conversational rows, but {what} is plain "
+                                              "text (no user turn to put it before); use conversations or drop "
+                                              "the system prompt")
+
+
+def _as_messages(value, field: str, role: str) -> list[dict]:
+    """A string as one ``role`` message, or the checked message list."""
+    return [{"role": role, "content": value}] if isinstance(value, str) else _messages(value, field)
+
+
+def _check_starts_with_assistant(response: list[dict], field: str) -> None:
+    """A response (after its prompt) must start with an assistant turn: a data-layout problem otherwise."""
+    if response and response[0]["role"] != "assistant":
+        raise BadRow("response_not_assistant", f"column {field!r} continues with a {response[0]['role']!r} turn after "
+                                               "the prompt; a response must start with an assistant turn")
+
+
+def _prompt_and_response(row: Mapping, field: str, system: str | None):
+    """``(prompt, response, conversational)`` of a ``prompt`` + ``field`` row: strings stay strings
+    (unless a system prompt makes them a conversation), else both become message lists."""
+    prompt, response = _text_or_messages(row, "prompt"), _text_or_messages(row, field)
+    if isinstance(prompt, str) and isinstance(response, str) and not system:
+        return prompt, response, False
+    prompt = _with_system(_as_messages(prompt, "prompt", "user"), system)
+    response = _as_messages(response, field, "assistant")
+    _check_starts_with_assistant(response, field)
+    return prompt, response, True
+
+
+def sft_pieces(row: Mapping, fmt: str, tokenizer, completion_only: bool = True, system_prompt: str | None = None):
     """``(pieces, add_special_tokens, add_eos)`` for one SFT row (see the module docstring)."""
+    system = _system(row, system_prompt)
     if fmt == "language_modeling":
         if row.get("messages") is not None:
-            return chat_pieces(tokenizer, _messages(row["messages"], "messages"), completion_only), False, False
+            messages = _with_system(_messages(row["messages"], "messages"), system)
+            return chat_pieces(tokenizer, messages, completion_only), False, False
+        _no_system_for_text(system, "column 'text'")
         return [(_str(row, "text", allow_empty=False), True)], True, True
     if fmt == "alpaca":
         instruction, inp = _alpaca_prompt(row)
         output = _str(row, "output", allow_empty=False)
-        if getattr(tokenizer, "chat_template", None):
+        if getattr(tokenizer, "chat_template", None) or system:
             user = instruction + ("\n\n" + inp if inp else "")
             row = {"prompt": [{"role": "user", "content": user}],
                    "completion": [{"role": "assistant", "content": output}]}
@@ -371,18 +494,13 @@ def sft_pieces(row: Mapping, fmt: str, tokenizer, completion_only: bool = True):
             row = {"prompt": template.format(instruction=instruction, input=inp), "completion": output}
         fmt = "prompt_completion"
     if fmt == "prompt_completion":
-        prompt, completion = _text_or_messages(row, "prompt"), _text_or_messages(row, "completion")
-        if isinstance(prompt, str) and isinstance(completion, str):
+        prompt, completion, conv = _prompt_and_response(row, "completion", system)
+        if not conv:
             if not completion.strip():
                 raise BadRow("empty_response", "field 'completion' is empty")
             return [(prompt, not completion_only), (completion, True)], True, True
-        if isinstance(prompt, str):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(completion, str):
-            if not completion.strip():
-                raise BadRow("empty_response", "field 'completion' is empty")
-            completion = [{"role": "assistant", "content": completion}]
-        prompt, completion = _messages(prompt, "prompt"), _messages(completion, "completion")
+        if not any(m["content"].strip() for m in completion):
+            raise BadRow("empty_response", "field 'completion' is empty")
         start = render_chat(tokenizer, prompt, add_generation_prompt=True)
         full = render_chat(tokenizer, prompt + completion)
         _prefix_of(start, full, "the prompt with add_generation_prompt=True")
@@ -399,6 +517,26 @@ def _check_options(truncation: str, on_bad_row: str, max_length) -> None:
         raise DataError(f"max_length must be at least 2, got {max_length}")
 
 
+def _tokenize_rows(rows, fmt: str, on_bad_row: str, columns, one) -> tuple[list, DataStats]:
+    """Apply ``one(row, stats) -> example`` to each row; a ``BadRow`` is dropped and counted, or
+    (``on_bad_row="error"``, except truncation/filter drops) raised naming the row."""
+    stats = DataStats(format=fmt)
+    examples = []
+    for i, row in enumerate(rows):
+        stats.rows += 1
+        try:
+            example = one(row, stats)
+        except BadRow as e:
+            if on_bad_row == "error" and e.reason not in _TRUNCATION_REASONS:
+                raise DataError(f"row {i}: {e} (format {fmt}{_columns_note(columns)}); "
+                                "fix the row or pass on_bad_row='drop'") from e
+            stats.drop(e.reason, f"row {i}: {e}")
+            continue
+        examples.append(example)
+        stats.examples += 1
+    return examples, stats
+
+
 def tokenize_sft(
     rows: Iterable[Mapping],
     tokenizer,
@@ -408,6 +546,8 @@ def tokenize_sft(
     completion_only: bool = True,
     format: str | None = None,
     on_bad_row: str = "drop",
+    columns: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
 ) -> tuple[list[dict[str, np.ndarray]], DataStats]:
     """Tokenize SFT rows into examples ``{"input_ids": int32 [T], "loss_mask": int32 [T]}``.
 
@@ -415,40 +555,33 @@ def tokenize_sft(
     ``completion_only``: targets are the completion / assistant turns (default) or, if
     False, the whole sequence. ``max_length`` / ``truncation``: see the module docstring.
     ``on_bad_row``: ``"drop"`` (counted in the stats) or ``"error"`` (raises, naming the row).
+    ``columns``: our column name -> the dataset's (:func:`map_columns`); ``system_prompt``:
+    a system message for conversations (a row's ``system`` column wins).
     Rows that end up with no target token are dropped (reason ``no_targets``).
     """
     _check_options(truncation, on_bad_row, max_length)
+    rows = map_columns(rows, columns)
     fmt = format or detect_format(rows, kind="sft")
     if fmt not in SFT_FORMATS:
         raise DataError(f"format {fmt!r} is not an SFT format; expected one of {SFT_FORMATS}")
     _check_columns(rows, fmt)
-    stats = DataStats(format=fmt)
-    examples = []
-    for i, row in enumerate(rows):
-        stats.rows += 1
-        try:
-            pieces, special, eos = sft_pieces(row, fmt, tokenizer, completion_only)
-            ids, mask = tokenize_pieces(tokenizer, pieces, special, eos)
+
+    def one(row, stats):
+        pieces, special, eos = sft_pieces(row, fmt, tokenizer, completion_only, system_prompt)
+        ids, mask = tokenize_pieces(tokenizer, pieces, special, eos)
+        if not mask.any():
+            raise BadRow("no_targets", "the row has no target tokens (e.g. no assistant turn)")
+        if max_length is not None and len(ids) > max_length:
+            if truncation == "drop":
+                raise BadRow("too_long", f"{len(ids)} tokens > max_length={max_length}")
+            ids, mask = ids[:max_length], mask[:max_length]
             if not mask.any():
-                raise BadRow("no_targets", "the row has no target tokens (e.g. no assistant turn)")
-            if max_length is not None and len(ids) > max_length:
-                if truncation == "drop":
-                    raise BadRow("too_long", f"{len(ids)} tokens > max_length={max_length}")
-                ids, mask = ids[:max_length], mask[:max_length]
-                if not mask.any():
-                    raise BadRow(
-                        "no_targets_after_truncation",
-                        f"no target token within max_length={max_length} (the prompt is too long)",
-                    )
-                stats.truncated += 1
-        except BadRow as e:
-            if on_bad_row == "error" and e.reason not in _TRUNCATION_REASONS:
-                raise DataError(f"row {i}: {e} (format {fmt}); fix the row or pass on_bad_row='drop'") from e
-            stats.drop(e.reason, f"row {i}: {e}")
-            continue
-        examples.append({"input_ids": ids, "loss_mask": mask})
-        stats.examples += 1
-    return examples, stats
+                raise BadRow("no_targets_after_truncation",
+                             f"no target token within max_length={max_length} (the prompt is too long)")
+            stats.truncated += 1
+        return {"input_ids": ids, "loss_mask": mask}
+
+    return _tokenize_rows(rows, fmt, on_bad_row, columns, one)
 
 
 # ----------------------------------------------------------------------------- preference
@@ -482,34 +615,83 @@ def split_implicit_messages(chosen: list[dict], rejected: list[dict]):
     return chosen[:n], chosen[n:], rejected[n:]
 
 
-def _pair_parts(row: Mapping, fmt: str):
+def _strip_prompt(prompt: list[dict], side: list[dict], field: str) -> tuple[list[dict], list[dict]]:
+    """``(prompt, response)``: ``side`` without the copy of ``prompt`` it starts with.
+
+    UltraFeedback-binarized rows repeat the ``prompt`` column as the head of
+    ``chosen``/``rejected`` (a system message there joins the prompt). A side that starts
+    with other non-assistant turns disagrees with the prompt.
+    """
+    if side[0]["role"] == "assistant":
+        return prompt, side
+    if side[0]["role"] == "system" and prompt[0]["role"] != "system":
+        prompt = side[:1] + prompt
+    if side[: len(prompt)] == prompt:
+        return prompt, side[len(prompt):]
+    raise BadRow("prompt_mismatch", f"column {field!r} starts with a {side[0]['role']!r} turn that disagrees with "
+                                    "column 'prompt' (given in both, they must match)")
+
+
+def _implicit_text_prompt(chosen: str, rejected: str) -> tuple[str, str, str]:
+    prompt, c, r = split_implicit_prompt(chosen, rejected)
+    if not prompt.strip():
+        raise BadRow("no_shared_prompt", "chosen and rejected share no prompt (no common prefix)")
+    if _HH_ASSISTANT in chosen and _HH_ASSISTANT in rejected and not prompt.endswith(_HH_ASSISTANT):
+        raise BadRow("prompt_mismatch",
+                     "columns 'chosen' and 'rejected' have different prompts (their human turns differ)")
+    return prompt, c, r
+
+
+def _pair_parts(row: Mapping, fmt: str, system_prompt: str | None = None):
     """``(prompt, chosen, rejected, conversational)`` with responses split off the prompt."""
     chosen, rejected = _text_or_messages(row, "chosen"), _text_or_messages(row, "rejected")
+    system = _system(row, system_prompt)
     if fmt == "preference":
         prompt = _text_or_messages(row, "prompt")
-        conv = any(isinstance(x, (list, tuple)) for x in (prompt, chosen, rejected))
-        if conv:
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else _messages(prompt, "prompt")
-            chosen = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else _messages(chosen, "chosen")
-            rejected = (
-                [{"role": "assistant", "content": rejected}] if isinstance(rejected, str) else _messages(rejected, "rejected")
-            )
-        else:
-            prompt, chosen, rejected = _str(row, "prompt"), _str(row, "chosen"), _str(row, "rejected")
-        return prompt, chosen, rejected, conv
-    if isinstance(chosen, str) and isinstance(rejected, str):
-        return (*split_implicit_prompt(chosen, rejected), False)
-    prompt, c, r = split_implicit_messages(_messages(chosen, "chosen"), _messages(rejected, "rejected"))
-    return prompt, c, r, True
+        if all(isinstance(x, str) for x in (prompt, chosen, rejected)) and not system:
+            return prompt, chosen, rejected, False
+        prompt = _as_messages(prompt, "prompt", "user")
+        p_c, chosen = _strip_prompt(prompt, _as_messages(chosen, "chosen", "assistant"), "chosen")
+        prompt, rejected = _strip_prompt(prompt, _as_messages(rejected, "rejected", "assistant"), "rejected")
+        if p_c != prompt:
+            raise BadRow("prompt_mismatch", "columns 'chosen' and 'rejected' start with different system messages")
+    elif isinstance(chosen, str) and isinstance(rejected, str):
+        _no_system_for_text(system, "an implicit-prompt text pair")
+        return (*_implicit_text_prompt(chosen, rejected), False)
+    else:
+        prompt, chosen, rejected = split_implicit_messages(_messages(chosen, "chosen"), _messages(rejected, "rejected"))
+        if not prompt:
+            raise BadRow("no_shared_prompt", "chosen and rejected conversations share no leading message")
+        if any(x and x[0]["role"] != "assistant" for x in (chosen, rejected)):
+            raise BadRow("prompt_mismatch", "columns 'chosen' and 'rejected' differ in a non-assistant turn "
+                                            "(their prompts differ)")
+    for x, f in ((chosen, "chosen"), (rejected, "rejected")):
+        _check_starts_with_assistant(x, f)
+    return _with_system(prompt, system), chosen, rejected, True
 
 
 def _check_pair(chosen, rejected, conv: bool) -> None:
     for name, resp in (("chosen", chosen), ("rejected", rejected)):
-        empty = (not resp) if conv else (not resp.strip())
-        if empty or (conv and not any(m["content"].strip() for m in resp)):
-            raise BadRow("empty_response", f"the {name} response is empty")
+        _check_response(resp, name, conv)
     if chosen == rejected:
         raise BadRow("chosen_equals_rejected", "chosen and rejected responses are identical")
+
+
+def _check_response(resp, name: str, conv: bool) -> None:
+    empty = (not resp) if conv else (not resp.strip())
+    if empty or (conv and not any(m["content"].strip() for m in resp)):
+        raise BadRow("empty_response", f"the {name} response is empty")
+
+
+def _score_gap(row: Mapping) -> float | None:
+    """``score_chosen - score_rejected`` of the row (None when it has neither score)."""
+    sc, sr = row.get("score_chosen"), row.get("score_rejected")
+    if sc is None and sr is None:
+        return None
+    try:
+        return float(_get(row, "score_chosen")) - float(_get(row, "score_rejected"))
+    except (TypeError, ValueError):
+        raise BadRow("bad_type", f"scores must be numbers, got score_chosen={sc!r}, score_rejected={sr!r}") from None
 
 
 def _truncate_prompt(prompt_ids: np.ndarray, max_prompt_length: int, bos: int | None) -> np.ndarray:
@@ -518,6 +700,49 @@ def _truncate_prompt(prompt_ids: np.ndarray, max_prompt_length: int, bos: int | 
     if bos is not None and len(prompt_ids) and prompt_ids[0] == bos and max_prompt_length > 1:
         return np.concatenate([prompt_ids[:1], prompt_ids[len(prompt_ids) - max_prompt_length + 1 :]])
     return prompt_ids[len(prompt_ids) - max_prompt_length :]
+
+
+def _encode_prompt_responses(tokenizer, prompt, responses, conv: bool):
+    """``(prompt_ids, [response_ids])``, int32: conversations rendered with the chat template
+    (prompt with the generation prompt, each response = the rest of the whole render), else
+    the prompt with special tokens and each response + EOS."""
+    if conv:
+        p_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+        out = []
+        for resp in responses:
+            full = render_chat(tokenizer, prompt + resp)
+            _prefix_of(p_text, full, "the prompt with add_generation_prompt=True")
+            out.append(_encode(tokenizer, full[len(p_text):], False))
+        prompt_ids = _encode(tokenizer, p_text, False)
+    else:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token")
+        prompt_ids = _encode(tokenizer, prompt, True)
+        out = [_encode(tokenizer, r, False) + [eos] for r in responses]
+    return np.asarray(prompt_ids, np.int32), [np.asarray(r, np.int32) for r in out]
+
+
+def _fit(prompt_ids, responses, tokenizer, max_length, max_prompt_length, truncation):
+    """``(prompt_ids, responses, truncated)`` within the length limits: the prompt cut from the
+    left to ``max_prompt_length`` (BOS kept), then prompt + each response cut on the right to
+    ``max_length`` (``truncation="drop"``: a ``too_long`` BadRow instead)."""
+    too_long = (max_prompt_length is not None and len(prompt_ids) > max_prompt_length) or (
+        max_length is not None and len(prompt_ids) + max(len(r) for r in responses) > max_length)
+    if not too_long:
+        return prompt_ids, responses, False
+    if truncation == "drop":
+        raise BadRow("too_long", "prompt + response is longer than max_length/max_prompt_length")
+    if max_prompt_length is not None:
+        prompt_ids = _truncate_prompt(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
+    if max_length is not None:
+        room = max(max_length - len(prompt_ids), 0)
+        responses = [r[:room] for r in responses]
+    if any(len(r) == 0 for r in responses):
+        raise BadRow("no_targets_after_truncation",
+                     f"the prompt leaves no room for the responses within max_length={max_length}; "
+                     "set max_prompt_length below max_length")
+    return prompt_ids, responses, True
 
 
 def tokenize_preference(
@@ -529,76 +754,112 @@ def tokenize_preference(
     truncation: str = "truncate",
     format: str | None = None,
     on_bad_row: str = "drop",
+    columns: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    min_score_gap: float | None = None,
 ) -> tuple[list[dict[str, Any]], DataStats]:
     """Tokenize preference rows into pairs.
 
     Each pair: ``prompt_ids`` int32 ``[P]``, ``chosen_ids`` int32 ``[C]``, ``rejected_ids``
     int32 ``[R]`` (responses only; EOS appended for plain strings, the template's end of turn
-    for conversations), ``margin`` float (0.0 when the row has none). Bad rows (missing or
-    null column, empty response, chosen == rejected, untokenizable) are dropped and counted
-    (``on_bad_row="drop"``) or raise a ``DataError`` naming the row index (``"error"``).
+    for conversations), ``margin`` float (0.0 when the row has none), and ``score_gap``
+    (``score_chosen - score_rejected``) when the row has scores. Bad rows (missing or null
+    column, empty response, chosen == rejected, implicit rows without a shared prompt, a
+    ``prompt`` that disagrees with the head of chosen/rejected, untokenizable) are dropped
+    and counted (``on_bad_row="drop"``) or raise a ``DataError`` naming the row index
+    (``"error"``). ``min_score_gap``: pairs whose score gap is smaller are dropped (reason
+    ``score_gap_below_min``, never an error); it needs score columns. ``columns`` /
+    ``system_prompt``: as for :func:`tokenize_sft`.
     """
     _check_options(truncation, on_bad_row, max_length)
+    rows = map_columns(rows, columns)
     fmt = format or detect_format(rows, kind="preference")
     if fmt not in PREFERENCE_FORMATS:
         raise DataError(f"format {fmt!r} is not a preference format; expected one of {PREFERENCE_FORMATS}")
     _check_columns(rows, fmt)
-    stats = DataStats(format=fmt)
-    pairs = []
-    eos = tokenizer.eos_token_id
-    for i, row in enumerate(rows):
-        stats.rows += 1
+    if min_score_gap is not None and not {"score_chosen", "score_rejected"} <= set(column_names(rows)):
+        raise DataError(f"data.min_score_gap={min_score_gap} needs 'score_chosen' and 'score_rejected' columns; found "
+                        f"{sorted(column_names(rows))} (map yours with data.columns)")
+
+    def one(row, stats):
+        if row.get("chosen") is not None and row.get("chosen") == row.get("rejected"):
+            raise BadRow("chosen_equals_rejected", "chosen and rejected are identical")
+        prompt, chosen, rejected, conv = _pair_parts(row, fmt, system_prompt)
+        _check_pair(chosen, rejected, conv)
+        margin = row.get("margin")
         try:
-            if row.get("chosen") is not None and row.get("chosen") == row.get("rejected"):
-                raise BadRow("chosen_equals_rejected", "chosen and rejected are identical")
-            prompt, chosen, rejected, conv = _pair_parts(row, fmt)
-            _check_pair(chosen, rejected, conv)
-            margin = row.get("margin")
-            try:
-                margin = 0.0 if margin is None else float(margin)
-            except (TypeError, ValueError):
-                raise BadRow("bad_type", f"margin must be a number, got {margin!r}") from None
-            if conv:
-                p_text = render_chat(tokenizer, prompt, add_generation_prompt=True)
-                responses = []
-                for resp in (chosen, rejected):
-                    full = render_chat(tokenizer, prompt + resp)
-                    _prefix_of(p_text, full, "the prompt with add_generation_prompt=True")
-                    responses.append(_encode(tokenizer, full[len(p_text):], False))
-                prompt_ids = _encode(tokenizer, p_text, False)
-            else:
-                if eos is None:
-                    raise DataError("the tokenizer has no EOS token; set tokenizer.eos_token")
-                prompt_ids = _encode(tokenizer, prompt, True)
-                responses = [_encode(tokenizer, r, False) + [eos] for r in (chosen, rejected)]
-            prompt_ids = np.asarray(prompt_ids, np.int32)
-            c_ids, r_ids = (np.asarray(r, np.int32) for r in responses)
-            too_long = (max_prompt_length is not None and len(prompt_ids) > max_prompt_length) or (
-                max_length is not None and len(prompt_ids) + max(len(c_ids), len(r_ids)) > max_length
-            )
-            if too_long:
-                if truncation == "drop":
-                    raise BadRow("too_long", "prompt + response is longer than max_length/max_prompt_length")
-                if max_prompt_length is not None:
-                    prompt_ids = _truncate_prompt(prompt_ids, max_prompt_length, tokenizer.bos_token_id)
-                if max_length is not None:
-                    room = max_length - len(prompt_ids)
-                    c_ids, r_ids = c_ids[: max(room, 0)], r_ids[: max(room, 0)]
-                if len(c_ids) == 0 or len(r_ids) == 0:
-                    raise BadRow(
-                        "no_targets_after_truncation",
-                        f"the prompt leaves no room for the responses within max_length={max_length}; "
-                        "set max_prompt_length below max_length",
-                    )
-                if np.array_equal(c_ids, r_ids):
-                    raise BadRow("chosen_equals_rejected_after_truncation",
-                                 f"chosen and rejected are identical within max_length={max_length}")
-                stats.truncated += 1
-        except BadRow as e:
-            if on_bad_row == "error" and e.reason not in _TRUNCATION_REASONS:
-                raise DataError(f"row {i}: {e} (format {fmt}); fix the row or pass on_bad_row='drop'") from e
-            stats.drop(e.reason, f"row {i}: {e}")
-            continue
-        pairs.append({"prompt_ids": prompt_ids, "chosen_ids": c_ids, "rejected_ids": r_ids, "margin": margin})
-        stats.examples += 1
+            margin = 0.0 if margin is None else float(margin)
+        except (TypeError, ValueError):
+            raise BadRow("bad_type", f"margin must be a number, got {margin!r}") from None
+        gap = _score_gap(row)
+        if min_score_gap is not None:
+            if gap is None:
+                raise BadRow("missing_field", "fields 'score_chosen' and 'score_rejected' are null")
+            if gap < min_score_gap:
+                raise BadRow("score_gap_below_min", f"score gap {gap:g} < data.min_score_gap={min_score_gap:g}")
+        prompt_ids, responses = _encode_prompt_responses(tokenizer, prompt, (chosen, rejected), conv)
+        prompt_ids, (c_ids, r_ids), cut = _fit(prompt_ids, responses, tokenizer, max_length, max_prompt_length,
+                                               truncation)
+        if cut:
+            if np.array_equal(c_ids, r_ids):
+                raise BadRow("chosen_equals_rejected_after_truncation",
+                             f"chosen and rejected are identical within max_length={max_length}")
+            stats.truncated += 1
+        pair = {"prompt_ids": prompt_ids, "chosen_ids": c_ids, "rejected_ids": r_ids, "margin": margin}
+        if gap is not None:
+            pair["score_gap"] = gap
+        return pair
+
+    pairs, stats = _tokenize_rows(rows, fmt, on_bad_row, columns, one)
+    gaps = [p["score_gap"] for p in pairs if "score_gap" in p]
+    stats.mean_score_gap = float(np.mean(gaps)) if gaps else None
     return pairs, stats
+
+
+def tokenize_unpaired(
+    rows: Iterable[Mapping],
+    tokenizer,
+    *,
+    max_length: int | None = None,
+    max_prompt_length: int | None = None,
+    truncation: str = "truncate",
+    on_bad_row: str = "drop",
+    columns: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+    min_score_gap: float | None = None,
+) -> tuple[list[dict[str, Any]], DataStats]:
+    """Tokenize unpaired feedback (KTO) into examples ``prompt_ids`` int32 ``[P]``,
+    ``completion_ids`` int32 ``[C]``, ``label`` (bool: desirable).
+
+    Rows: ``prompt`` + ``completion`` + ``label`` (bool), or paired preference rows, each
+    split into a desirable (chosen) and an undesirable (rejected) example, as TRL's
+    ``unpair_preference_dataset`` does (``min_score_gap`` applies to those). Other
+    arguments as for :func:`tokenize_preference`.
+    """
+    _check_options(truncation, on_bad_row, max_length)
+    rows = map_columns(rows, columns)
+    fmt = detect_format(rows, kind="unpaired")
+    common = dict(max_length=max_length, max_prompt_length=max_prompt_length, truncation=truncation,
+                  on_bad_row=on_bad_row, system_prompt=system_prompt)
+    if fmt in PREFERENCE_FORMATS:
+        pairs, stats = tokenize_preference(rows, tokenizer, format=fmt, min_score_gap=min_score_gap, **common)
+        examples = [{"prompt_ids": p["prompt_ids"], "completion_ids": p[f"{side}_ids"], "label": side == "chosen"}
+                    for p in pairs for side in ("chosen", "rejected")]
+        stats.examples = len(examples)
+        return examples, stats
+    if min_score_gap is not None:
+        raise DataError("data.min_score_gap filters paired rows (score_chosen/score_rejected); unpaired rows have none")
+    _check_columns(rows, fmt)
+
+    def one(row, stats):
+        label = row.get("label")
+        if not isinstance(label, (bool, np.bool_)):
+            raise BadRow("bad_type", f"field 'label' must be true or false, got {label!r}")
+        prompt, completion, conv = _prompt_and_response(row, "completion", _system(row, system_prompt))
+        _check_response(completion, "completion", conv)
+        prompt_ids, responses = _encode_prompt_responses(tokenizer, prompt, (completion,), conv)
+        prompt_ids, (c_ids,), cut = _fit(prompt_ids, responses, tokenizer, max_length, max_prompt_length, truncation)
+        stats.truncated += cut
+        return {"prompt_ids": prompt_ids, "completion_ids": c_ids, "label": bool(label)}
+
+    return _tokenize_rows(rows, fmt, on_bad_row, columns, one)

@@ -25,6 +25,7 @@ class ModelConfig:
 
     `dtype` is the activation/compute dtype; `param_dtype` the dtype params are kept in.
     `remat` is the per-layer rematerialization policy: "none", "full", "dots".
+    `attention_impl` is the attention kernel (`jaxalign.nn.attention.IMPLEMENTATIONS`).
     """
 
     model_type: str = "llama"
@@ -51,7 +52,7 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: str = "none"
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -13,8 +13,8 @@ import jax.numpy as jnp
 from flax import struct
 
 from jaxalign.models.config import ModelConfig
-from jaxalign.nn import apply_rope, attention_mask, cos_sin, dot_product_attention, embed, linear, rms_norm
-from jaxalign.nn.attention import cache_attention_mask, write_kv_cache
+from jaxalign.nn import apply_rope, attention, cos_sin, dot_product_attention, embed, linear, make_mask, rms_norm
+from jaxalign.nn.attention import cache_attention_mask, resolve_impl, write_kv_cache
 from jaxalign.nn.seams import dense
 
 _REMAT_POLICIES = {
@@ -29,6 +29,12 @@ def _leaf(module: nn.Module, name: str, init, shape, dtype):
     if module.has_variable("params", name):
         return module.get_variable("params", name)
     return module.param(name, init, shape, dtype)
+
+
+def self_attention_mask(config: ModelConfig, segment_ids, positions):
+    """The decoder's `AttentionMask` for the kernel `config.attention_impl` resolves to on this platform."""
+    impl = resolve_impl(config.attention_impl, config.dtype, config.head_dim)
+    return make_mask(segment_ids, positions, config.sliding_window, impl)
 
 
 class Linear(nn.Module):
@@ -65,10 +71,11 @@ class Attention(nn.Module):
     def __call__(self, x, cos, sin, mask, cache=None):
         """x [B, T, D] -> [B, T, D].
 
-        cache: optional `(cache_k, cache_v, layer, start, attend_cache)`: the new k/v are
-        written to slots start..start+T of `layer`; with `attend_cache` the queries attend
-        to the layer's whole cache (mask [B, 1, T, S]), else to the new k/v only (mask
-        [B, 1, T, T], prefill). Then returns `(out, cache_k, cache_v)`.
+        mask: an `AttentionMask` (self-attention among the T tokens, with the configured
+        kernel). cache: optional `(cache_k, cache_v, layer, start, attend_cache)`: the new
+        k/v are written to slots start..start+T of `layer`; with `attend_cache` the queries
+        attend to the layer's whole cache (mask: dense bool [B, 1, T, S], XLA), else to the
+        new k/v only (prefill, `AttentionMask`). Then returns `(out, cache_k, cache_v)`.
         """
         c = self.config
         b, t, d = x.shape
@@ -82,14 +89,15 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         o_proj = Linear(hq * hd, d, c.o_bias, c, name="o_proj")
         if cache is None:
-            out = dot_product_attention(q, k, v, mask, c.attention_impl).reshape(b, t, hq * hd)
-            return o_proj(out)
+            return o_proj(attention(q, k, v, mask).reshape(b, t, hq * hd))
         cache_k, cache_v, layer, start, attend_cache = cache
         cache_k, cache_v, k_all, v_all = write_kv_cache(cache_k, cache_v, k, v, layer, start)
-        if attend_cache:  # decode: XLA attention (one query row; flash kernels gain nothing)
+        if attend_cache:
+            # Decode: XLA. One query row against a cache whose valid slots are scattered (left
+            # padding, stopped rows) fits neither cuDNN's lengths nor splash's query tiles.
             out = dot_product_attention(q, k_all, v_all, mask)
         else:
-            out = dot_product_attention(q, k, v, mask, c.attention_impl)
+            out = attention(q, k, v, mask)
         return o_proj(out.reshape(b, t, hq * hd)), cache_k, cache_v
 
 
@@ -160,7 +168,7 @@ class Decoder(nn.Module):
         c = self.config
         x = Embed(c.vocab_size, c.hidden_size, c, name="embed_tokens")(input_ids)
         cos, sin = cos_sin(positions, c.head_dim, c.rope)
-        mask = attention_mask(segment_ids, positions, c.sliding_window)
+        mask = self_attention_mask(c, segment_ids, positions)
         layer = DecoderLayer
         if c.remat != "none":
             if c.remat not in _REMAT_POLICIES:
@@ -226,7 +234,7 @@ class CachedDecoder(nn.Module):
         kv_valid = jax.lax.dynamic_update_slice(cache.valid, valid.astype(bool), (zero, start))
         kv_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (zero, start))
         if self.prefill:
-            mask = attention_mask(valid.astype(jnp.int32), positions, c.sliding_window)
+            mask = self_attention_mask(c, valid.astype(jnp.int32), positions)
         else:
             mask = cache_attention_mask(valid, positions, start + jnp.arange(t), kv_valid, kv_pos, c.sliding_window)
         stack = nn.scan(

@@ -18,7 +18,7 @@ from jaxalign.models import hf
 from jaxalign.models.config import ModelConfig, from_hf_dict, to_hf_dict
 from jaxalign.models.llama import hidden_states, init_params, unembed
 from jaxalign.nn.seams import dense, is_weight_type
-from jaxalign.parallel.rules import batch_sharding, named_shardings, path_str
+from jaxalign.parallel.rules import batch_sharding, batch_size_multiple, named_shardings, path_str
 
 _DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
            "float16": "float16", "fp16": "float16"}
@@ -30,6 +30,14 @@ def canonical_dtype(dtype) -> str:
     if name not in _DTYPES:
         raise ValueError(f"dtype {dtype!r} is not supported; use float32, bfloat16 or float16")
     return _DTYPES[name]
+
+
+def resolve_compute_dtype(compute_dtype, dtype) -> str:
+    """The activation dtype: `compute_dtype`, where "auto" means bfloat16 on accelerators
+    (GPU, TPU) and float32 on CPU, and None means `dtype` (the params' dtype)."""
+    if compute_dtype == "auto":
+        return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    return canonical_dtype(compute_dtype or dtype)
 
 
 def positions_from_mask(attention_mask):
@@ -103,8 +111,7 @@ class Model:
         attention_mask = jnp.asarray(attention_mask, jnp.int32)
         if self.mesh is None:
             return _logits(self.params, input_ids, attention_mask, self.config)
-        data = batch_sharding(self.mesh, 2)
-        n = int(np.prod([self.mesh.shape[a] for a in data.spec[0]]))
+        n = batch_size_multiple(self.mesh)
         if input_ids.shape[0] % n:
             raise ShardingError(
                 f"batch size {input_ids.shape[0]} is not divisible by the mesh's data x fsdp size {n}; "
@@ -167,9 +174,10 @@ def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype
     file (converted once into the cache, see `jaxalign.models.gguf`), as a `Model`.
 
     dtype: the params' dtype (default: the checkpoint's declared dtype, else float32).
-    compute_dtype: activation dtype (default: dtype). mesh: shard each tensor straight
-    into its devices per the sharding rules. quantize: "int8" | "int4" | "nf4" quantizes
-    the decoder-layer kernels tensor by tensor while loading (see `jaxalign.quant`).
+    compute_dtype: activation dtype (default: dtype; "auto": see `resolve_compute_dtype`).
+    mesh: shard each tensor straight into its devices per the sharding rules. quantize:
+    "int8" | "int4" | "nf4" quantizes the decoder-layer kernels tensor by tensor while
+    loading (see `jaxalign.quant`).
     head: which output head to load: "lm" (`lm_head`, absent when tied), "score" (a reward
     head `score.weight` [1, D] of a *ForSequenceClassification checkpoint, as params["score"]
     = {"kernel": [D, 1]}), "none" (the decoder only), "auto" ("score" for a
@@ -187,7 +195,7 @@ def load_model(path: str, dtype=None, mesh: Mesh | None = None, *, compute_dtype
     declared = d.get("dtype") or d.get("torch_dtype") or "float32"
     dtype = canonical_dtype(dtype or declared)
     config = from_hf_dict(d, os.path.join(path, "config.json"), param_dtype=dtype,
-                          dtype=canonical_dtype(compute_dtype or dtype), **config_overrides)
+                          dtype=resolve_compute_dtype(compute_dtype, dtype), **config_overrides)
     abstract = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     if head != "lm":
         abstract = {k: v for k, v in abstract.items() if k != "lm_head"}
@@ -241,4 +249,5 @@ def init_model(config: ModelConfig, rng, mesh: Mesh | None = None, rules=None) -
     return Model(config, params, mesh)
 
 
-__all__ = ["Model", "canonical_dtype", "check_finite", "init_model", "load_model", "positions_from_mask"]
+__all__ = ["Model", "canonical_dtype", "check_finite", "init_model", "load_model", "positions_from_mask",
+           "resolve_compute_dtype"]

@@ -144,3 +144,11 @@ def batch_sharding(mesh, ndim: int = 2, rules=None) -> NamedSharding:
     axes = rules["batch"]
     axes = (axes,) if isinstance(axes, str) else tuple(axes)
     return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+def batch_size_multiple(mesh) -> int:
+    """The product of the mesh axes a batch is split over (data x fsdp): every global batch's
+    rows must be a multiple of it (1 without a mesh)."""
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in batch_sharding(mesh, 2).spec[0]]))

@@ -114,8 +114,19 @@ class LoraWeight:
         return (w.astype(jnp.float32) + delta).astype(w.dtype)
 
 
-def _is_lora(x) -> bool:
+def is_lora(x) -> bool:
+    """Whether `x` is a LoRA leaf."""
     return isinstance(x, LoraWeight)
+
+
+def has_lora(params) -> bool:
+    """Whether any leaf of `params` is a LoRA leaf."""
+    return any(is_lora(x) for x in jax.tree.leaves(params, is_leaf=seams.is_weight_type))
+
+
+def bases(params):
+    """`params` with every LoRA leaf replaced by its (frozen) base: the same arrays."""
+    return jax.tree.map(lambda w: w.base if is_lora(w) else w, params, is_leaf=is_lora)
 
 
 def _pattern_value(patterns: dict, module: str, default):
@@ -162,7 +173,7 @@ def apply(params, rank: int, alpha: float, targets, rng, dropout: float = 0.0,
     new = {}
     for i, (p, module) in enumerate(zip(chosen, modules)):
         w = leaves[p]
-        if _is_lora(w):
+        if is_lora(w):
             raise ConfigError(f"{p} already has a LoRA adapter; merge it first (lora.merge)")
         r = _pattern_value(rank_pattern, module, rank)
         a_ = _pattern_value(alpha_pattern, module, alpha)
@@ -186,20 +197,20 @@ def apply(params, rank: int, alpha: float, targets, rng, dropout: float = 0.0,
 def merge(params):
     """Replace every `LoraWeight` by its dense merged weight (a quantized base is
     dequantized first; a disabled adapter merges to its base)."""
-    return jax.tree.map(lambda w: w.dense() if _is_lora(w) else w, params, is_leaf=_is_lora)
+    return jax.tree.map(lambda w: w.dense() if is_lora(w) else w, params, is_leaf=is_lora)
 
 
 def disable(params):
     """The same tree with every adapter switched off (same arrays, no copy): the
     reference model of DPO / PPO."""
-    return jax.tree.map(lambda w: w.replace(enabled=False) if _is_lora(w) else w,
-                        params, is_leaf=_is_lora)
+    return jax.tree.map(lambda w: w.replace(enabled=False) if is_lora(w) else w,
+                        params, is_leaf=is_lora)
 
 
 def enable(params):
     """The same tree with every adapter switched on."""
-    return jax.tree.map(lambda w: w.replace(enabled=True) if _is_lora(w) else w,
-                        params, is_leaf=_is_lora)
+    return jax.tree.map(lambda w: w.replace(enabled=True) if is_lora(w) else w,
+                        params, is_leaf=is_lora)
 
 
 def with_dropout_rng(params, rng):
@@ -208,13 +219,13 @@ def with_dropout_rng(params, rng):
     counter = itertools.count()
 
     def one(w):
-        if not (_is_lora(w) and w.dropout > 0):
+        if not (is_lora(w) and w.dropout > 0):
             return w
         key = jax.random.fold_in(rng, next(counter))
         lead = w.a.shape[:-2]
         return w.replace(dropout_rng=jax.random.split(key, lead) if lead else key)
 
-    return jax.tree.map(one, params, is_leaf=_is_lora)
+    return jax.tree.map(one, params, is_leaf=is_lora)
 
 
 def trainable_mask(params):
@@ -223,11 +234,17 @@ def trainable_mask(params):
         return jax.tree.map(lambda _: False, tree)
 
     def one(w):
-        if _is_lora(w):
+        if is_lora(w):
             return w.replace(base=false(w.base), a=True, b=True, dropout_rng=false(w.dropout_rng))
         return false(w)
 
-    return jax.tree.map(one, params, is_leaf=_is_lora)
+    return jax.tree.map(one, params, is_leaf=is_lora)
+
+
+def trainable(params):
+    """What trains, decided once from the leaf types: a bool tree like `params`, True at the
+    LoRA `a` and `b` when the tree has adapters (`trainable_mask`), else True everywhere."""
+    return trainable_mask(params) if has_lora(params) else jax.tree.map(lambda _: True, params)
 
 
 def split(params, mask=None):
@@ -309,7 +326,7 @@ def save_adapter(params, out_dir: str, base: str | None = None) -> None:
     Arrays are fetched to this host: on several hosts, call it where they are addressable.
     """
     leaves = leaves_by_path(params)
-    loras = {p: w for p, w in leaves.items() if _is_lora(w)}
+    loras = {p: w for p, w in leaves.items() if is_lora(w)}
     if not loras:
         raise ConfigError("save_adapter: params hold no LoraWeight; call lora.apply or "
                           "lora.load_adapter first")
@@ -438,7 +455,7 @@ def load_adapter(params, adapter_dir: str):
     new = dict(replaced)
     for path, group in groups.items():
         w = replaced.get(path, leaves[path])
-        if _is_lora(w):
+        if is_lora(w):
             raise CheckpointError(f"{path} already has a LoRA adapter; load into params "
                                   "without one (or lora.merge first)")
         *lead, d_in, d_out = dense_shape(w)

@@ -16,11 +16,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from jaxalign.config import Config, builtin_path, changes_since, config_history, record_config
 from jaxalign.errors import CheckpointError, CheckpointMismatchError, ConfigError, NonFiniteLossError, RunInterrupted
 from jaxalign.models.config import from_hf_dict
-from jaxalign.models.model import Model, check_finite, init_model, load_model
+from jaxalign.models.model import Model, check_finite, init_model, load_model, resolve_compute_dtype
+from jaxalign.nn.attention import resolve_impl
 from jaxalign.parallel import distributed
 from jaxalign.parallel.mesh import make_mesh
 from jaxalign.parallel.rules import batch_sharding, named_shardings
 from jaxalign.paths import check_output_dir
+from jaxalign.peft import lora
 from jaxalign.train.checkpoint import Checkpointer
 from jaxalign.train.metrics import MetricsLogger
 from jaxalign.train.objective import Objective, get_builder
@@ -51,13 +53,14 @@ def build_model(cfg: Config, mesh) -> Model:
             hf = json.load(f)
         except json.JSONDecodeError as e:
             raise CheckpointError(f"model.config {path} is not valid JSON ({e}); fix the file") from None
-    config = from_hf_dict(hf, param_dtype=m.dtype, dtype=m.compute_dtype, source=path, **overrides)
+    config = from_hf_dict(hf, param_dtype=m.dtype, dtype=resolve_compute_dtype(m.compute_dtype, m.dtype), source=path,
+                          **overrides)
     return init_model(config, jax.random.key(m.seed), mesh)
 
 
 def apply_transforms(model: Model, cfg: Config) -> Model:
     """Quantize, then wrap LoRA adapters, as configured; re-shard the transformed tree."""
-    from jaxalign.peft import lora, quant
+    from jaxalign.peft import quant
 
     params = model.params
     q = cfg.quantization
@@ -101,18 +104,11 @@ def load_tokenizer(cfg: Config):
 
 def partition_params(params, trainable_mask=None):
     """(trainable, frozen, combine): where `trainable_mask(params)` is True if given, else LoRA
-    adapters when present, else every param."""
-    from jaxalign.nn.seams import is_weight_type
-
+    adapters when present (`lora.trainable`), else every param (frozen is None)."""
     if trainable_mask is not None:
-        from jaxalign.peft import lora
-
         trainable, frozen = lora.split(params, trainable_mask(params))
         return trainable, frozen, lora.combine
-    leaves = jax.tree.leaves(params, is_leaf=is_weight_type)
-    if any(type(leaf).__name__ == "LoraWeight" for leaf in leaves):
-        from jaxalign.peft import lora
-
+    if lora.has_lora(params):
         trainable, frozen = lora.split(params)
         return trainable, frozen, lora.combine
     return params, None, lambda p, _: p
@@ -191,6 +187,8 @@ def train(cfg: Config) -> dict:
     mesh = make_mesh(cfg.mesh)
     tokenizer = load_tokenizer(cfg)
     model = apply_transforms(build_model(cfg, mesh), cfg)
+    c = model.config
+    resolve_impl(c.attention_impl, c.dtype, c.head_dim)  # a kernel this machine cannot run fails before the run
     objective = get_builder(cfg.algorithm)(cfg, model, tokenizer)
     if objective.init_params is not None:
         model = dataclasses.replace(model, params=objective.init_params(model.params))
@@ -216,14 +214,10 @@ def train(cfg: Config) -> dict:
         log.info("resumed from %s at step %d", ckpt.directory, start)
     if jax.process_index() == 0:  # everything is checked: only now does the run directory change
         record_config(cfg, out_dir, resumed=restored is not None)
-    if objective.bind_params is not None:
-        objective.bind_params(lambda: combine(state.params, frozen))  # sees `state` as the loop updates it
     logger = MetricsLogger(out_dir, steps, resume_step=start)
 
     loss_fn = objective.loss_fn
-    if cfg.lora.rank > 0 and cfg.lora.dropout > 0 and objective.lora_dropout:
-        from jaxalign.peft import lora
-
+    if cfg.lora.dropout > 0 and objective.lora_dropout and lora.has_lora(model.params):
         def loss_fn(params, batch, rng):
             return objective.loss_fn(lora.with_dropout_rng(params, rng), batch, rng)
 
@@ -244,39 +238,57 @@ def train(cfg: Config) -> dict:
     record: dict = {}
     tokens, t_last, s_last = 0, time.time(), start
     step = start
+    pending: list = []  # (step, device metrics) dispatched since the last fetch
+    # Steps in flight at most. XLA:CPU runs every device's collectives on one shared thread
+    # pool: with 8 host devices on 2 cores a second step in flight starved the first one's
+    # all-reduce (a 40 s rendezvous timeout). So on CPU each step is awaited (not fetched)
+    # once the next batch is ready; on GPUs and TPUs two steps are in flight.
+    ahead = 1 if jax.default_backend() == "cpu" else 2
+
+    def next_batch() -> dict:
+        """The next host batch; on-policy objectives (RL) sample it from the current params."""
+        if objective.sample_batch is not None:
+            return objective.sample_batch(combine(state.params, frozen))
+        return next(objective.train_batches)
+
     try:
         if start == 0:
             run_eval(0)
+        if start < steps:
+            batch = next_batch()
+            batch_tokens, device_batch = count_tokens(batch) * jax.process_count(), to_global(batch, mesh)
         for step in range(start + 1, steps + 1):
-            batch = next(objective.train_batches)
-            tokens += count_tokens(batch) * jax.process_count()
-            state, metrics = step_fn(state, frozen, to_global(batch, mesh))
-            metrics = jax.device_get(metrics)
-            if not metrics.pop("finite"):
-                skipped += 1
-                msg = (f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
-                       f"grad_norm={metrics['grad_norm']}); the step was not applied")
-                fix = "lower optim.learning_rate or enable clipping (optim.max_grad_norm)"
-                if cfg.train.on_nonfinite == "stop":
-                    ckpt.close()
-                    raise NonFiniteLossError(f"{msg}; {fix}, or set train.on_nonfinite=skip")
-                if skipped > max_skipped:
-                    ckpt.close()
-                    raise NonFiniteLossError(f"{skipped} steps up to step {step} had a non-finite loss or gradient "
-                                             f"and were skipped, more than train.max_skipped_steps={max_skipped}; "
-                                             f"{fix}")
-                log.warning(msg)
-            if step % cfg.train.log_every == 0 or step == steps:
+            state, metrics = step_fn(state, frozen, device_batch)  # dispatched; runs while the host goes on
+            pending.append((step, metrics))
+            tokens += batch_tokens
+            data_state = objective.train_batches.state()  # after this step's batch: what a checkpoint resumes from
+            if step < steps:  # the next batch is made and placed on device while this step runs
+                batch = next_batch()
+                batch_tokens, device_batch = count_tokens(batch) * jax.process_count(), to_global(batch, mesh)
+            if len(pending) >= ahead:
+                jax.block_until_ready(pending[-ahead][1])  # bounds the run-ahead; nothing comes to the host
+            log_now = step % cfg.train.log_every == 0 or step == steps
+            eval_now = cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps
+            save_now = (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps
+            if not (log_now or eval_now or save_now):
+                continue
+            try:  # the only wait on the device: metrics of the steps since the last fetch
+                metrics, skipped = fetch_metrics(pending, skipped, cfg.train.on_nonfinite, max_skipped)
+            except NonFiniteLossError:
+                ckpt.close()
+                raise
+            pending = []
+            if log_now:
                 elapsed = time.time() - t_last
                 record = {k: float(v) for k, v in metrics.items()}
                 record["tokens_per_second"] = tokens / max(elapsed, 1e-9)
                 record["steps_per_second"] = (step - s_last) / max(elapsed, 1e-9)
                 logger.log(step, record)
                 tokens, t_last, s_last = 0, time.time(), step
-            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step != steps:
+            if eval_now:
                 run_eval(step)
-            if (cfg.train.save_every and step % cfg.train.save_every == 0) or step == steps:
-                ckpt.save(step, state, {"data": objective.train_batches.state(), "step": step, "skipped": skipped})
+            if save_now:
+                ckpt.save(step, state, {"data": data_state, "step": step, "skipped": skipped})
     except KeyboardInterrupt:
         raise interrupted(ckpt, step) from None
     final = run_eval(steps) if start < steps else {}
@@ -290,18 +302,39 @@ def train(cfg: Config) -> dict:
         export_params = objective.export_params or (lambda p: p)
         trained = export_params(combine(state.params, frozen))
         merged = distributed.fetch_to_host(jax.tree.map(dense, trained, is_leaf=is_weight_type), keep=writer)
-        adapters = distributed.fetch_to_host(state.params, keep=writer) if cfg.lora.rank > 0 else None
+        adapters = distributed.fetch_to_host(state.params, keep=writer) if lora.has_lora(model.params) else None
         if writer:
             export(dataclasses.replace(model, params=merged), tokenizer, os.path.join(out_dir, "final"))
             if adapters is not None:
                 from jaxalign.models import heads
-                from jaxalign.peft import lora
 
                 tree = export_params(combine(adapters, frozen))  # a reward model's adapter carries its score head
                 save = heads.save_reward_adapter if heads.has_score_head(tree) else lora.save_adapter
                 save(tree, os.path.join(out_dir, "adapter"), base=cfg.model.path)
         distributed.barrier("jaxalign:export")
     return {**record, **final}
+
+
+def fetch_metrics(pending: list, skipped: int, on_nonfinite: str, max_skipped: int) -> tuple[dict, int]:
+    """Fetch the metrics of the steps in `pending` ([(step, device metrics)], one transfer)
+    and count their non-finite steps (which the step did not apply). Returns (the last
+    step's metrics without "finite", steps skipped so far). NonFiniteLossError at the first
+    non-finite step with on_nonfinite "stop", or once more than `max_skipped` were skipped."""
+    fetched = jax.device_get([m for _, m in pending])
+    for (step, _), metrics in zip(pending, fetched):
+        if metrics.pop("finite"):
+            continue
+        skipped += 1
+        msg = (f"non-finite loss or gradient at step {step} (loss={metrics['loss']}, "
+               f"grad_norm={metrics['grad_norm']}); the step was not applied")
+        fix = "lower optim.learning_rate or enable clipping (optim.max_grad_norm)"
+        if on_nonfinite == "stop":
+            raise NonFiniteLossError(f"{msg}; {fix}, or set train.on_nonfinite=skip")
+        if skipped > max_skipped:
+            raise NonFiniteLossError(f"{skipped} steps up to step {step} had a non-finite loss or gradient "
+                                     f"and were skipped, more than train.max_skipped_steps={max_skipped}; {fix}")
+        log.warning(msg)
+    return fetched[-1], skipped
 
 
 def interrupted(ckpt: Checkpointer, step: int) -> RunInterrupted:

@@ -11,15 +11,18 @@ import importlib
 from typing import Any, Callable, Iterable
 
 from jaxalign.errors import ConfigError
+from jaxalign.parallel.rules import batch_size_multiple
 
 # algorithm name -> module holding `build`
 ALGORITHMS = {
     "sft": "jaxalign.algos.sft",
     "reward": "jaxalign.algos.reward",
     "dpo": "jaxalign.algos.dpo",
+    "kto": "jaxalign.algos.kto",
     "ppo": "jaxalign.algos.ppo",
     "grpo": "jaxalign.algos.ppo",
     "rloo": "jaxalign.algos.ppo",
+    "online_dpo": "jaxalign.algos.online_dpo",
 }
 
 
@@ -34,11 +37,13 @@ class Objective:
     Optional hooks for objectives that train more than the model's own params (RL: policy
     + value model): init_params(model_params) -> the params tree the loop trains (applied
     once, right after build); trainable_mask(params) -> bool tree like params (True =
-    trained; default: LoRA adapters when present, else everything); bind_params(get) is
-    called once with a function returning the current full params (for iterators that
-    sample from the model being trained); export_params(params) -> the model params to
-    export (default: params as they are). lora_dropout: whether training steps apply LoRA
-    dropout (`lora.dropout`); RL turns it off, its old log-probs are computed without it."""
+    trained; default: `lora.trainable`, LoRA adapters when present, else everything);
+    sample_batch(params) -> the next host batch, for on-policy objectives (RL) whose batches
+    are sampled from the model being trained: the loop calls it with the current full params
+    instead of `next(train_batches)` (which still provides `state()` / `restore()`);
+    export_params(params) -> the model params to export (default: params as they are).
+    lora_dropout: whether training steps apply LoRA dropout (`lora.dropout`); RL turns it
+    off, its old log-probs are computed without it."""
 
     loss_fn: Callable[[Any, dict, Any], dict]
     train_batches: Any
@@ -48,9 +53,18 @@ class Objective:
     summary: dict = dataclasses.field(default_factory=dict)
     init_params: Callable[[Any], Any] | None = None
     trainable_mask: Callable[[Any], Any] | None = None
-    bind_params: Callable[[Callable[[], Any]], None] | None = None
+    sample_batch: Callable[[Any], dict] | None = None
     export_params: Callable[[Any], Any] | None = None
     lora_dropout: bool = True
+
+
+def check_batch_size(train, mesh, unit: str = "") -> None:
+    """ConfigError unless `train.batch_size` (`unit`: what a row is, e.g. " (pairs)") splits
+    over the mesh's batch axes and `train.grad_accum` microbatches."""
+    dp = batch_size_multiple(mesh)
+    if train.batch_size % (dp * train.grad_accum):
+        raise ConfigError(f"train.batch_size={train.batch_size}{unit} must be divisible by data x fsdp ({dp}) x "
+                          f"train.grad_accum ({train.grad_accum})")
 
 
 def get_builder(name: str):

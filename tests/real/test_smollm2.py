@@ -191,6 +191,26 @@ def test_dpo_steps_move_the_implicit_reward(smollm2_dir, tmp_path):
     assert logs[-1]["rewards/margins"] > 0
 
 
+def test_orpo_steps_on_ultrafeedback_layout_rows(smollm2_dir, tmp_path):
+    """ORPO (no reference) on rows laid out like UltraFeedback-binarized: a prompt string plus
+    whole chosen / rejected conversations that repeat the user turn (SmolLM2's ChatML template)."""
+    rows = []
+    for r in addition_rows("orpo", 8):
+        question = r["prompt"][0]["content"]
+        wrong = {"role": "assistant", "content": str(r["answer"] + 10)}
+        rows.append({"prompt": question, "chosen": r["prompt"] + r["completion"], "rejected": r["prompt"] + [wrong]})
+    overrides = [f"model.path={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
+                 f"data.train={write_rows(str(tmp_path / 'prefs.jsonl'), rows)}", "data.max_length=64",
+                 "data.buckets=[64]", "data.on_bad_row=error", "dpo.loss_type=orpo", "lora.rank=8",
+                 "optim.learning_rate=1e-3", "optim.schedule=constant", "train.steps=2", "train.batch_size=8",
+                 "train.export=false", *FAST]
+    train(load_config(None, ["algorithm=dpo", *overrides]))
+    logs = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert len(logs) == 2 and all(np.isfinite(r["loss"]) for r in logs)
+    assert logs[0]["loss"] == pytest.approx(logs[0]["nll_loss"] - 0.1 * logs[0]["log_odds_ratio"], rel=1e-5)
+    assert logs[-1]["log_odds_chosen"] > logs[0]["log_odds_chosen"]
+
+
 def test_grpo_steps_run_with_a_checker_reward(smollm2_dir, tmp_path):
     rows = [{"prompt": r["prompt"]} for r in addition_rows("grpo", 8)]
     overrides = [f"model.path={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
@@ -203,3 +223,4 @@ def test_grpo_steps_run_with_a_checker_reward(smollm2_dir, tmp_path):
     logs = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
     assert len(logs) == 2 and all(np.isfinite(r["loss"]) for r in logs)
     assert any(k.startswith("rollout/") or k.startswith("objective/") or "reward" in k for k in logs[0])
+
