@@ -15,13 +15,10 @@ import tempfile
 import jax
 import numpy as np
 
+from jaxalign.algos.rollout import tree_bytes
 from jaxalign.bench.common import in_fresh_process, make_bench_checkpoint, peak_memory_bytes
 
 VARIANTS = ("full", "lora_bf16", "qlora_nf4", "qlora_nf4_double_quant")
-
-
-def _tree_bytes(tree) -> int:
-    return int(sum(np.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
 def variant_params(checkpoint: str, variant: str, rank: int = 16):
@@ -53,6 +50,8 @@ def step_memory(checkpoint: str, variant: str, batch: int, seq: int) -> dict:
     optimizer, schedule = make_optimizer(OptimSection(learning_rate=1e-5), 1000)
     step = jax.jit(make_train_step(lambda p, b, r: sft_sums(p, config, b), optimizer, schedule, lora.combine),
                    donate_argnums=0)
+    weights_gb = (tree_bytes(frozen) + tree_bytes(trainable)) / 2**30  # before the step donates them
+    trainable_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable))
     state = init_state(trainable, optimizer, 0)
     ids = np.random.RandomState(0).randint(0, config.vocab_size, (batch, seq)).astype(np.int32)
     data = jax.tree.map(jnp.asarray, {"input_ids": ids, "positions": np.tile(np.arange(seq, dtype=np.int32), (batch, 1)),
@@ -63,9 +62,8 @@ def step_memory(checkpoint: str, variant: str, batch: int, seq: int) -> dict:
     for _ in range(2):
         state, metrics = compiled(state, frozen, data)
     loss = float(metrics["loss"])
-    return {"variant": variant, "weights_gb": round(_tree_bytes(frozen) / 2**30 + _tree_bytes(trainable) / 2**30, 4),
-            "trainable_params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainable)),
-            "optimizer_state_gb": round(_tree_bytes(state.opt_state) / 2**30, 4),
+    return {"variant": variant, "weights_gb": round(weights_gb, 4), "trainable_params": trainable_params,
+            "optimizer_state_gb": round(tree_bytes(state.opt_state) / 2**30, 4),
             "xla_step_gb": round(xla_bytes / 2**30, 4), "xla_temp_gb": round(m.temp_size_in_bytes / 2**30, 4),
             "peak_gb": round(peak_memory_bytes() / 2**30, 3), "loss_finite": bool(np.isfinite(loss))}
 
