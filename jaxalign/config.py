@@ -148,6 +148,15 @@ class PPOSection:
     token sum / (sequences x response_length); dapo: token sum / the rollout's tokens per
     minibatch). LoRA dropout is off in RL updates (the old log-probs are computed without
     it). See docs/rl.md.
+
+    KL to the reference, placed by kl_in: in the reward, kl_coef (fixed, or adapted by
+    adaptive_kl) x the kl_estimator KL: per token before GAE (PPO), or summed over the
+    response and subtracted from the score before the group baseline (GRPO/RLOO); in the
+    loss, beta x the k3 KL per token, aggregated like the policy loss. auto: PPO in the
+    reward, GRPO in the loss, RLOO both. overlong_cache > 0 adds DAPO's soft overlong
+    penalty to the score: overlong_penalty_factor x (0 up to response_length -
+    overlong_cache tokens, then falling linearly to -1 at response_length), logged as
+    rewards/overlong_penalty/mean.
     """
 
     reward_model: str | None = None  # HF *ForSequenceClassification directory scoring responses
@@ -164,12 +173,13 @@ class PPOSection:
     temperature: float = 0.7  # sampling temperature of rollouts
     top_k: int = 0  # sample from the k most likely tokens (0: all)
     top_p: float = 1.0  # nucleus sampling threshold (1: off)
-    kl_coef: float = 0.05  # per-token KL penalty to the reference in the reward
-    kl_estimator: str = "k1"  # per-token KL estimator
+    kl_coef: float = 0.05  # KL-to-reference coefficient in the reward (see kl_in)
+    kl_estimator: str = "k1"  # per-token KL estimator of the KL in the reward and of the logged objective/kl
     adaptive_kl: bool = False  # adapt kl_coef toward target_kl (Ziegler et al.)
     target_kl: float = 6.0  # KL the adaptive controller aims at
     kl_horizon: int = 10000  # horizon of the adaptive KL controller
-    beta: float = 0.0  # GRPO/RLOO: KL-to-reference term in the loss (0: none)
+    beta: float = 0.0  # KL-to-reference coefficient in the loss (k3 KL; 0: none)
+    kl_in: str = "auto"  # where the KL goes: reward (kl_coef), loss (beta), auto (PPO reward, GRPO loss, RLOO both)
     cliprange: float = 0.2  # policy ratio clip: ratios below 1 - cliprange are clipped
     epsilon_high: float | None = None  # upper ratio clip 1 + epsilon_high (DAPO clip-higher; null: cliprange)
     loss_type: str = "bnpo"  # GRPO loss aggregation (TRL's names, see above; PPO: token mean, RLOO: sequence mean)
@@ -183,6 +193,8 @@ class PPOSection:
     scale_rewards: str | bool = "group"  # GRPO: centered scores / the group's or batch's std, or none (true: group)
     drop_uniform_groups: bool = False  # GRPO/RLOO: groups with all rewards equal are out of the loss (DAPO)
     missing_eos_penalty: float | None = None  # subtracted from the score of responses without EOS (null: none)
+    overlong_cache: int = 0  # DAPO soft overlong penalty over the last this many response tokens (0: off)
+    overlong_penalty_factor: float = 1.0  # weight of the overlong penalty (-1 at response_length tokens)
     eval_temperature: float = 0.0  # sampling temperature of eval responses (0: greedy)
     eval_reward_fn: str | None = None  # module:function scoring eval responses, logged beside the learned reward
 
@@ -199,9 +211,13 @@ class RewardSection:
     A causal-LM `model.path` gets a fresh head ~ normal(head_init_std, default
     1/sqrt(hidden_size + 1)); a *ForSequenceClassification checkpoint keeps its own.
     max_prompt_length: prompts are cut from the left to this many tokens (None: no cut).
+    margin_from_scores: pairs with score_chosen / score_rejected columns get the margin
+    margin_from_scores x their score gap (Llama 2's preference-strength margin), instead of
+    a margin column.
     """
 
     center_rewards_coefficient: float = 0.0  # weight of the (r_chosen + r_rejected)^2 centering term
+    margin_from_scores: float = 0.0  # margin = this x (score_chosen - score_rejected) (Llama 2; 0: off)
     head_init_std: float | None = None  # std of a fresh score head (null: 1/sqrt(hidden_size + 1))
     max_prompt_length: int | None = None  # prompts cut from the left to this many tokens (null: no cut)
 
@@ -241,11 +257,13 @@ class KTOSection:
     + label; paired rows are split into a desirable chosen and an undesirable rejected example),
     TRL's KTOTrainer loss. Its reference point is the batch's KL estimate from mismatched
     prompt/completion pairs (each prompt with the previous example's completion), so
-    train.batch_size must be at least 2 per process. reference: "auto" is adapters_off under LoRA
+    train.batch_size must be at least 2 per process (loss_type apo_zero_unpaired has no
+    reference point and no such limit). reference: "auto" is adapters_off under LoRA
     (no extra memory), else frozen_copy (one extra copy of the weights). TRL suggests weights
     with desirable_weight x #desirable / (undesirable_weight x #undesirable) in [1, 4/3].
     """
 
+    loss_type: str = "kto"  # kto, or apo_zero_unpaired (APO-zero: no reference point, no KL pairs scored)
     beta: float = 0.1  # strength of the implicit KL to the reference
     desirable_weight: float = 1.0  # weight of the desirable examples' losses
     undesirable_weight: float = 1.0  # weight of the undesirable examples' losses
@@ -308,8 +326,10 @@ _CHOICES = {
     "ppo.kl_estimator": ("k1", "k2", "k3", "abs", "mse"),
     "ppo.loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
     "ppo.scale_rewards": ("group", "batch", "none"),
+    "ppo.kl_in": ("auto", "reward", "loss"),
     "dpo.reference": ("auto", "adapters_off", "frozen_copy", "precomputed"),
     "kto.reference": ("auto", "adapters_off", "frozen_copy"),
+    "kto.loss_type": ("kto", "apo_zero_unpaired"),
     "dpo.loss_type": ("sigmoid", "hinge", "ipo", "robust", "simpo", "exo_pair", "nca_pair", "bco_pair", "sppo_hard",
                       "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "orpo"),
 }

@@ -82,3 +82,47 @@ def test_bench_memory_qlora_needs_less_than_lora_bf16_and_full(hf_model):
     assert by["qlora_nf4"]["weights_gb"] < by["lora_bf16"]["weights_gb"] < by["full"]["weights_gb"]
     assert by["qlora_nf4"]["xla_step_gb"] < by["lora_bf16"]["xla_step_gb"] < by["full"]["xla_step_gb"]
     assert by["lora_bf16"]["trainable_params"] == by["qlora_nf4"]["trainable_params"] < by["full"]["trainable_params"]
+
+
+def _bench_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="jaxalign")
+    bench.add_arguments(parser.add_subparsers(dest="command").add_parser("bench"))
+    return parser
+
+
+def test_cli_parser_accepts_bench_rl():
+    args = _bench_parser().parse_args(["bench", "rl"])
+    assert (args.which, args.prompts, args.group, args.prompt_len, args.new_tokens, args.iters) == (
+        "rl", 8, 4, 32, 32, 2)
+    assert (args.algos, args.checkpoint, args.epochs, args.minibatches) == ("grpo,ppo", None, 1, 2)
+    args = _bench_parser().parse_args(["bench", "rl", "--prompts", "2", "--group", "3", "--algos", "ppo",
+                                       "--checkpoint", "example:smollm2", "--iters", "5", "--out", "x.jsonl"])
+    assert (args.prompts, args.group, args.algos, args.checkpoint, args.iters, args.out) == (
+        2, 3, "ppo", "example:smollm2", 5, "x.jsonl")
+
+
+def test_bench_rl_times_every_phase_and_they_add_up(hf_model, tmp_path, capsys):
+    """`jaxalign bench rl` on a tiny model: one JSON line per algorithm with every phase's ms
+    (positive) and share, and the phases add up to the iteration."""
+    import json
+
+    _, path = hf_model("llama")
+    out = tmp_path / "rl.jsonl"
+    args = _bench_parser().parse_args(["bench", "rl", "--checkpoint", path, "--prompts", "2", "--group", "2",
+                                       "--prompt-len", "8", "--new-tokens", "4", "--iters", "1", "--out", str(out)])
+    results = bench.run(args)
+    assert [r["algorithm"] for r in results] == ["grpo", "ppo"]
+    assert [json.loads(line) for line in out.read_text().splitlines()] == results
+    assert "| grpo |" in capsys.readouterr().err  # the table
+    for r in results:
+        assert r["benchmark"] == "rl" and r["sequences"] == 4 and r["update_steps"] == 2
+        assert all(r[f"{ph}_ms"] > 0 and 0 < r[f"{ph}_fraction"] < 1 for ph in bench.PHASES), r
+        total = sum(r[f"{ph}_ms"] for ph in bench.PHASES)
+        assert abs(total - r["iteration_ms"]) <= 0.05 * r["iteration_ms"] + 0.1, r
+        assert abs(sum(r[f"{ph}_fraction"] for ph in bench.PHASES) - 1) < 0.05
+        assert r["generate_tokens_per_s"] > 0 and r["first_iteration_s"] > 0
+    grpo, ppo = results
+    assert (grpo["prompts"], grpo["samples_per_prompt"], ppo["prompts"], ppo["samples_per_prompt"]) == (2, 2, 4, 1)
+    assert grpo["reward"] == "jaxalign.data.arithmetic:reward" and ppo["value_model"] is not None

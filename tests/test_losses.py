@@ -240,8 +240,8 @@ def test_orpo_is_finite_at_certainty_and_on_padding():
 # ---------------------------------------------------------------------------- KTO
 
 
-def trl_kto(p, labels, dw, uw):
-    """TRL 1.16 KTOTrainer._compute_loss (loss_type "kto", precomputed reference log-probs) on
+def trl_kto(p, labels, dw, uw, loss_type="kto"):
+    """TRL 1.16 KTOTrainer._compute_loss (`loss_type`, precomputed reference log-probs) on
     these per-token log-probs: rows of p.tok are the B matched examples, p.tok[::-1] the
     mismatched (KL) ones; a stand-in model returns them. -> (loss, metrics)."""
     torch = pytest.importorskip("torch")
@@ -256,7 +256,8 @@ def trl_kto(p, labels, dw, uw):
                                      mean_logits=torch.zeros(n, L))
 
     fake_self = types.SimpleNamespace(
-        model=types.SimpleNamespace(training=True), calculate_KL=True, precompute_ref_logps=True, loss_type="kto",
+        model=types.SimpleNamespace(training=True), calculate_KL=loss_type == "kto", precompute_ref_logps=True,
+        loss_type=loss_type,
         beta=BETA, desirable_weight=dw, undesirable_weight=uw, aux_loss_enabled=False, _total_train_tokens=0,
         _tp_size=1, accelerator=types.SimpleNamespace(device="cpu", gather_for_metrics=lambda x: x),
         _metrics=collections.defaultdict(lambda: collections.defaultdict(list)))
@@ -270,21 +271,22 @@ def trl_kto(p, labels, dw, uw):
     return float(loss), {k: v[-1] for k, v in fake_self._metrics["train"].items()}
 
 
-@pytest.mark.parametrize("weights", [(1.0, 1.0), (1.0, 1.33)])
-def test_kto_matches_trl_kto_trainer(weights):
+@pytest.mark.parametrize("weights,loss_type", [((1.0, 1.0), "kto"), ((1.0, 1.33), "kto"),
+                                               ((1.0, 1.33), "apo_zero_unpaired")])
+def test_kto_matches_trl_kto_trainer(weights, loss_type):
     p = make_pairs(seed=5)
     labels = np.arange(2 * B) % 3 != 0  # unbalanced desirable / undesirable
-    want, metrics = trl_kto(p, labels, *weights)
+    want, metrics = trl_kto(p, labels, *weights, loss_type=loss_type)
     logps, ref = np.concatenate([p.pc, p.pr]), np.concatenate([p.rc, p.rr])
-    z0 = losses.kto_reference_point(logps[::-1], ref[::-1] - 0.3)
+    z0 = losses.kto_reference_point(logps[::-1], ref[::-1] - 0.3) if loss_type == "kto" else jnp.zeros(())
     got, rewards = (np.asarray(x) for x in losses.kto(logps, ref, labels, z0, beta=BETA, desirable_weight=weights[0],
-                                                      undesirable_weight=weights[1]))
+                                                      undesirable_weight=weights[1], loss_type=loss_type))
     diffs = [abs(float(got.mean()) - want), abs(float(z0) - metrics["kl"]),
              abs(float(rewards[labels].mean()) - metrics["rewards/chosen"]),
              abs(float(rewards[~labels].mean()) - metrics["rewards/rejected"]),
              abs(float(rewards[labels].mean() - rewards[~labels].mean()) - metrics["rewards/margins"])]
     assert max(diffs) < 2e-6, diffs
-    assert float(z0) > 0  # a case where the reference point is not clamped to 0
+    assert (float(z0) > 0) == (loss_type == "kto")  # a case where the reference point is not clamped to 0
 
 
 def test_kto_reference_point_is_clamped_and_skips_padding():

@@ -208,3 +208,20 @@ def test_quickstart_runs_through_the_cli(tiny, tmp_path):
     assert [r["step"] for r in evals] == [0, 2]
     assert all(0.0 <= r["eval/score"] <= 1.0 and 0.0 <= r["eval/reference_score"] <= 1.0 for r in evals)
     assert np.isfinite([r["loss"] for r in records if "loss" in r]).all()
+
+
+def test_prompts_follow_data_columns_and_system_prompt(files, tmp_path):
+    """`data.columns` and `data.system_prompt` reach the prompts online methods sample from."""
+    from jaxalign.algos.ppo import load_rl_prompts
+    from tests.hf_models import chatml_tokenizer
+
+    rows = [{"question": "say: ab"}, {"question": "say: cd"}]
+    (tmp_path / "q.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    base = [f"data.train={tmp_path / 'q.jsonl'}", "ppo.max_prompt_length=64"]
+    chatml = chatml_tokenizer()
+    with pytest.raises(Exception, match="no usable prompts.*missing_prompt.*data.columns"):
+        load_rl_prompts(_config(files, "unused", base), chatml)
+    train, _ = load_rl_prompts(_config(files, "unused", [*base, "data.columns={prompt: question}",
+                                                         "data.system_prompt=Be brief."]), chatml)
+    assert [t.split("<|im_start|>user\n")[1].split("<|im_end|>")[0] for t in train.texts] == ["say: ab", "say: cd"]
+    assert all(t.startswith("<|im_start|>system\nBe brief.") for t in train.texts)

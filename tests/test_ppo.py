@@ -10,10 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxalign import rl
 from jaxalign.algos import ppo
-from jaxalign.algos.rl_loop import (AdvantageSettings, UpdateSchedule, advantages, minibatch_indices,
-                                    rollout_prompts)
-from jaxalign.algos.rollout import RewardModel, load_prompts
+from jaxalign.algos.rl_loop import (AdvantageSettings, UpdateSchedule, advantages, kl_placement,
+                                    minibatch_indices, rollout_prompts)
+from jaxalign.algos.rollout import RewardModel, load_prompts, overlong_penalty
 from jaxalign.config import load_config
 from jaxalign.errors import ConfigError
 from jaxalign.parallel.mesh import MeshConfig, make_mesh
@@ -162,7 +163,7 @@ def test_prompt_and_minibatch_schedules_and_metric_names():
     for epoch in range(2):
         rows = [minibatch_indices(epoch * 3 + j, 5, schedule) for j in range(3)]
         assert sorted(np.concatenate(rows)) == list(range(12)) and all(np.all(np.diff(r) > 0) for r in rows)
-    names = {stat: ppo.rollout_metric(stat) for stat in ppo.rollout_stat_names("grpo", True, ("f",))}
+    names = {stat: ppo.rollout_metric(stat) for stat in ppo.rollout_stat_names("grpo", True, False, ("f",))}
     assert names["kl"] == "objective/kl" and names["reward"] == "reward" and names["reward_std"] == "reward_std"
     assert names["response_length"] == "completions/mean_length" and names["rewards/f"] == "rewards/f/mean"
     assert names["score"] == "rollout/score"
@@ -401,3 +402,142 @@ def test_first_minibatch_of_rloo_and_grpo_variants(files, tiny, algorithm, extra
     assert metrics["kl"] == pytest.approx(0.0, abs=1e-6) and np.isfinite(metrics["loss"])
     if algorithm == "rloo":
         assert float(sums["loss"][1]) == 8  # a mean over the minibatch's sequences
+
+
+# ---------------------------------------------------------------------------- overlong penalty, kl_in
+
+
+def _first_step(cfg, tiny):
+    """(experience rows, rollout stats, the first minibatch, its loss sums)."""
+    _, objective, params, _ = _objective(cfg, tiny)
+    batch = objective.sample_batch(params)
+    it = objective.train_batches
+    sums = jax.jit(objective.loss_fn)(params, batch, jax.random.key(0))
+    return it.rows, dict(zip(it.stat_names, batch["rollout_stats"][0])), batch, sums, (objective, params)
+
+
+def test_overlong_penalty_is_trls():
+    """DAPO's soft overlong punishment (Eq. 13), as TRL's get_soft_overlong_punishment: 0 up to
+    L_max - L_cache tokens, (L_max - L_cache - |y|) / L_cache up to L_max, -1 beyond."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    lengths = np.arange(0, 24)
+    for max_length, cache in ((20, 4), (20, 1), (20, 20), (8, 3)):
+        want = get_soft_overlong_punishment(max_length, cache)([[1] * n for n in lengths])
+        np.testing.assert_allclose(overlong_penalty(lengths, max_length, cache), want, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(overlong_penalty([16, 17, 18, 20, 21], 20, 4), [0.0, -0.25, -0.5, -1.0, -1.0])
+
+
+def test_score_adds_the_overlong_penalty_of_the_response_mask_length(tiny):
+    """The length is the response mask's (the stop token included); the penalty, times the
+    factor, is added to the score after the missing-EOS penalty and reported as its own part."""
+    from jaxalign.algos.rollout import RewardFunctions, score
+
+    tokenizer = tiny[1]
+    mask = np.array([[1, 1, 0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])
+    ids = np.where(mask > 0, tokenizer.convert_tokens_to_ids("a"), tokenizer.pad_token_id)
+    batch = {"input_ids": np.concatenate([np.ones((3, 2), int), ids], 1), "response_mask": mask,
+             "eos": np.array([1, 1, 0])}
+    raw, scores, parts = score(batch, ["p"] * 3, RewardFunctions("tests.test_ppo:letter_fraction"), tokenizer, 2,
+                               missing_eos_penalty=1.0, overlong_cache=4, overlong_factor=0.5)
+    np.testing.assert_allclose(parts["overlong_penalty"], 0.5 * np.array([0.0, -0.5, -1.0]))
+    np.testing.assert_allclose(scores, raw - [0.0, 0.0, 1.0] + parts["overlong_penalty"])
+
+
+def test_overlong_penalty_is_in_the_reward_and_logged(files, tiny):
+    """A tiny RLOO rollout with overlong_cache 4 of response_length 8: the penalty is part of
+    the reward, not of the score, and is logged as rewards/overlong_penalty/mean."""
+    cfg = _config(files, "rloo", "unused", ["ppo.overlong_cache=4", "ppo.overlong_penalty_factor=0.5"])
+    _, stats, batch, sums, _ = _first_step(cfg, tiny)
+    lengths = batch["response_mask"].sum(1)  # the random model rarely stops: mostly -0.5
+    penalty = np.mean(0.5 * overlong_penalty(lengths, 8, 4))
+    assert penalty < 0 and stats["rewards/overlong_penalty"] == pytest.approx(penalty, rel=1e-5)
+    assert stats["reward"] == pytest.approx(stats["score"] + penalty, rel=1e-5)
+    logged = sums["rewards/overlong_penalty/mean"]
+    assert float(logged[0] / logged[1]) == pytest.approx(penalty, rel=1e-5)
+
+
+def test_kl_in_reward_or_not():
+    """Without the KL in the reward, PPO's rewards are the score at the last token only; with
+    it, GRPO's advantages are computed on score - kl_coef * sum_t KL_t."""
+    logp = jnp.array([[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0], [-0.3, -2.0, -1.0], [-1.0, -0.2, -1.0]])
+    ref = jnp.array([[-1.5, -1.0, -0.5], [-1.0, -2.0, -1.0], [-0.5, -1.0, -1.5], [-0.2, -0.2, -0.9]])
+    mask = jnp.array([[1, 1, 1], [1, 1, 0], [1, 1, 1], [1, 0, 0]])
+    scores = jnp.array([2.0, -1.0, 0.5, 1.0])
+    s = AdvantageSettings("ppo", kind="k1", kl_in="loss", whiten_advantages=False)
+    _, _, kl, rewards = advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1, s)
+    np.testing.assert_allclose(kl, (logp - ref) * mask, atol=1e-6)  # still measured
+    np.testing.assert_allclose(rewards, jnp.zeros((4, 3)).at[0, 2].set(2.0).at[1, 1].set(-1.0).at[2, 2].set(0.5)
+                               .at[3, 0].set(1.0), atol=1e-6)
+    grpo = AdvantageSettings("grpo", kind="k1", kl_in="reward", group_size=2)
+    adv, *_ = advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1, grpo)
+    shaped = scores - 0.1 * jnp.sum((logp - ref) * mask, axis=1)
+    np.testing.assert_allclose(adv, rl.grpo_advantages(shaped, 2)[:, None] * mask, atol=1e-6)
+    no_kl, *_ = advantages(logp, ref, jnp.zeros_like(logp), scores, mask, 0.1,
+                           dataclasses.replace(grpo, kl_in="loss"))
+    np.testing.assert_allclose(no_kl, rl.grpo_advantages(scores, 2)[:, None] * mask, atol=1e-6)
+    assert kl_placement("ppo", "auto") == (True, False) and kl_placement("grpo", "auto") == (False, True)
+    assert kl_placement("rloo", "auto") == (True, True) and kl_placement("ppo", "loss") == (False, True)
+
+
+def test_ppo_kl_in_loss(files, tiny):
+    """PPO with kl_in: loss: no KL in the rewards (no kl_coef / non_score_reward statistics),
+    beta x the k3 KL's token mean in the loss (logged as kl)."""
+    cfg = _config(files, "ppo", "unused", ["ppo.kl_in=loss", "ppo.beta=0.5"])
+    _, stats, batch, sums, (objective, params) = _first_step(cfg, tiny)
+    assert "kl" in stats and "kl_coef" not in stats and "non_score_reward" not in stats
+    assert float(sums["kl"][0]) == pytest.approx(0.0, abs=1e-5)  # policy == reference at first
+    m = batch["response_mask"]
+    shifted = {**batch, "ref_logprobs": (batch["ref_logprobs"] - 0.3) * m}
+    moved = jax.jit(objective.loss_fn)(params, shifted, jax.random.key(0))
+    k3 = rl.kl_penalty(batch["old_logprobs"], shifted["ref_logprobs"], kind="k3")
+    want = 0.5 * float(rl.masked_mean(k3, m))  # the loss is a token mean: + beta x the KL's token mean
+    got = float(moved["loss"][0] / moved["loss"][1] - sums["loss"][0] / sums["loss"][1])
+    assert got == pytest.approx(want, rel=1e-3)
+
+
+@pytest.mark.parametrize("algorithm, auto, explicit", [
+    ("ppo", ["ppo.kl_coef=0.2"], ["ppo.kl_coef=0.2", "ppo.kl_in=reward"]),
+    ("grpo", ["ppo.beta=0.04"], ["ppo.beta=0.04", "ppo.kl_in=loss"]),
+    ("rloo", ["ppo.kl_coef=0.1"], ["ppo.kl_coef=0.1", "ppo.kl_in=reward"]),
+])
+def test_kl_in_auto_is_the_former_placement(files, tiny, algorithm, auto, explicit):
+    """kl_in: auto keeps each algorithm's former placement: PPO's in the reward, GRPO's in the
+    loss (RLOO's in both: with beta 0 the same as in the reward): the same experience, the
+    same loss, the same statistics."""
+    def untimed(d):
+        return {k: np.asarray(v) for k, v in d.items() if "time_" not in k}
+
+    rows_a, stats_a, _, sums_a, _ = _first_step(_config(files, algorithm, "unused", auto), tiny)
+    rows_e, stats_e, _, sums_e, _ = _first_step(_config(files, algorithm, "unused", explicit), tiny)
+    for a, e in ((rows_a, rows_e), (untimed(stats_a), untimed(stats_e)), (untimed(sums_a), untimed(sums_e))):
+        assert a.keys() == e.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], e[key], err_msg=key)
+
+
+def test_grpo_kl_in_reward(files, tiny):
+    """GRPO with kl_in: reward: kl_coef x the sequence's KL is off the score before the group
+    baseline (logged as kl_coef and non_score_reward), no KL term in the loss, no reference
+    log-probs kept."""
+    _, stats, batch, sums, _ = _first_step(_config(files, "grpo", "unused", ["ppo.kl_in=reward"]), tiny)
+    assert stats["kl_coef"] == pytest.approx(0.05) and stats["non_score_reward"] == pytest.approx(-0.05 * stats["kl"])
+    assert "kl" not in sums and "ref_logprobs" not in batch
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["ppo.overlong_cache=9"], r"ppo.overlong_cache=9 must be in \[0, ppo.response_length=8\]"),
+    (["ppo.overlong_cache=-1"], r"ppo.overlong_cache=-1 must be in"),
+    (["ppo.overlong_cache=4", "ppo.overlong_penalty_factor=-1"], "ppo.overlong_penalty_factor must be >= 0"),
+    (["ppo.kl_in=loss"], "ppo.beta is 0"),
+    (["ppo.kl_in=reward", "ppo.beta=0.1"], "would be unused: set ppo.beta: 0"),
+    (["ppo.kl_in=loss", "ppo.beta=0.1", "ppo.adaptive_kl=true"], "ppo.adaptive_kl adapts ppo.kl_coef"),
+])
+def test_bad_kl_in_and_overlong_settings_fail_at_build(files, tiny, extra, message):
+    with pytest.raises(ConfigError, match=message):
+        ppo.build(_config(files, "ppo", "unused", extra), *tiny)
+
+
+def test_bad_kl_in_value_fails_at_load(files):
+    with pytest.raises(ConfigError, match="ppo.kl_in='both' is not valid; choose one of: auto, reward, loss"):
+        _config(files, "ppo", "unused", ["ppo.kl_in=both"])

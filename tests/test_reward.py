@@ -14,7 +14,7 @@ import transformers
 from jaxalign.algos import pairs, reward
 from jaxalign.config import load_config
 from jaxalign.data import load_tokenizer, pad_pairs
-from jaxalign.errors import DataError
+from jaxalign.errors import ConfigError, DataError
 from jaxalign.models import heads
 from jaxalign.models.model import load_model
 from jaxalign.parallel.mesh import make_mesh
@@ -242,3 +242,26 @@ def test_padding_rows_do_not_count_and_margin_shifts_loss(hf_model):
     batch["margin"][0] = 1.5
     shifted = float(reward_sums(rm.params, rm.config, batch)["loss"][0])
     np.testing.assert_allclose(shifted, np.log1p(np.exp(-(diff - 1.5))), rtol=1e-5)
+
+
+def test_margin_from_scores_sets_each_pairs_margin(tmp_path):
+    """reward.margin_from_scores: margin = scale x (score_chosen - score_rejected), checked in the
+    batches the objective trains on; pairs without scores, or with a margin column too, are refused."""
+    from jaxalign.algos.reward import margins_from_scores
+
+    rows = [{"prompt": "copy: ab\n", "chosen": "ab", "rejected": "ba", "score_chosen": 9.0, "score_rejected": 5.0},
+            {"prompt": "copy: cd\n", "chosen": "cd", "rejected": "dc", "score_chosen": 6.0, "score_rejected": 5.5}]
+    data = tmp_path / "scored.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    tok = load_tokenizer(TINY_ASSETS)
+    cfg = load_config(QUICKSTART, [f"data.train={data}", "data.eval=null"])
+    kept, _ = pairs.load_preference_examples(cfg, tok, "train")
+    margins_from_scores(kept, 0.5, "data.train")
+    assert [p["margin"] for p in kept] == [2.0, 0.25]
+    assert pad_pairs(kept, 16, tok.pad_token_id)["margin"].tolist() == [2.0, 0.25]
+    with pytest.raises(DataError, match="needs score_chosen and score_rejected on every pair; 1 of 2 data.train"):
+        margins_from_scores([{**kept[0]}, {k: v for k, v in kept[1].items() if k != "score_gap"}], 0.5, "data.train")
+    with pytest.raises(DataError, match="has a margin column and reward.margin_from_scores is set"):
+        margins_from_scores([{**kept[0], "margin": 1.0}], 0.5, "data.train")
+    with pytest.raises(ConfigError, match="unknown config key 'reward.margin_from_score'; did you mean 'reward.margin_from_scores'"):
+        load_config(QUICKSTART, ["reward.margin_from_score=0.5"])

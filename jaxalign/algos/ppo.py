@@ -4,9 +4,10 @@
 
 Each loop step is one optimizer update on a minibatch of a rollout's experience with
 `rl_sums`: clipped policy loss (+ `vf_coef` x clipped value loss for PPO, + `beta` x k3 KL
-to the reference for GRPO/RLOO) as `(sum, count)`: PPO token means, GRPO aggregated per
-`loss_type`, RLOO one clipped ratio per sequence (as TRL). The KL controller (fixed or
-adaptive) sees each rollout's KL (a mean over all processes).
+to the reference where `ppo.kl_in` puts the KL in the loss) as `(sum, count)`: PPO token
+means, GRPO aggregated per `loss_type`, RLOO one clipped ratio per sequence (as TRL). The KL
+controller (fixed or adaptive) sees each rollout's KL (a mean over all processes) and sets
+`kl_coef`, the coefficient of the KL in the reward (`kl_placement`).
 
 The train state holds `{"policy": ..., "value": ...}` (value only for PPO); frozen parts
 (a LoRA base, a quantized base) are shared by reference, never copied: see docs/rl.md for
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from jaxalign.algos.advantages import (AdaptiveKLController, FixedKLController, aggregate, kl_penalty,
                                        ppo_policy_loss, ppo_value_loss, sequence_policy_loss)
 from jaxalign.algos.rl_loop import (AdvantageSettings, ExperienceSettings, Models, RolloutBatches, UpdateSchedule,
-                                    collect, evaluate)
+                                    collect, evaluate, kl_placement)
 from jaxalign.algos.rollout import (Prompts, RewardFunctions, RewardModel, RolloutSettings, load_prompts,
                                     load_reward_fn, response_logprobs, response_values, tree_bytes)
 from jaxalign.config import builtin_path
@@ -44,19 +45,21 @@ log = logging.getLogger(__name__)
 ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
-def rollout_stat_names(algorithm: str, kl: bool, reward_names: tuple[str, ...] = ()) -> tuple[str, ...]:
+def rollout_stat_names(algorithm: str, kl: bool, kl_in_reward: bool,
+                       reward_names: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Per-rollout statistics (the rollout's value on every row; means over all processes),
-    logged under `rollout_metric(name)`: score (before the missing-EOS penalty), reward
-    (after), kl (sum over the response of the per-token KL estimate, mean over sequences),
-    entropy (per token), response_length, eos_fraction, sampler_logprob_error (max |sampler -
+    logged under `rollout_metric(name)`: score (before the missing-EOS and overlong penalties),
+    reward (after), kl (sum over the response of the per-token KL estimate, mean over
+    sequences), with the KL in the reward kl_coef and non_score_reward (-kl_coef x kl), entropy
+    (per token), response_length, eos_fraction, sampler_logprob_error (max |sampler -
     recomputed| log-prob, this process's), times, index; GRPO/RLOO frac_reward_zero_std
     (groups whose rewards are all equal) and reward_std (the groups' std, mean); `rewards/<name>`
-    per reward function."""
+    per reward function (and `overlong_penalty`)."""
     names = ["score", "reward", "entropy", "response_length", "eos_fraction", "sampler_logprob_error",
              "time_rollout_s", "time_train_s", "index"]
     if kl:
         names.insert(2, "kl")
-        if algorithm in ("ppo", "rloo"):
+        if kl_in_reward:
             names[3:3] = ["kl_coef", "non_score_reward"]
     if algorithm == "ppo":
         names += ["explained_variance", "value_mean", "return_mean"]
@@ -119,12 +122,13 @@ def loss_type(algorithm: str, grpo_loss_type: str) -> str:
 
 def rl_sums(params, batch: dict, s: LossSettings, config: ModelConfig, value_config: ModelConfig | None) -> dict:
     """`{name: (sum, count)}` of one minibatch of experience. `loss`: PPO the token mean of
-    `policy_loss + vf_coef * value_loss`; GRPO `policy_loss + beta * kl` per token, aggregated
-    by `s.loss_type`; RLOO the per-sequence policy loss (`advantages.sequence_policy_loss`) +
-    beta x each sequence's mean KL, averaged over sequences. Named as TRL: `loss/policy_avg`,
-    `policy/clipfrac_avg`, `policy/approxkl_avg`, `val/ratio`, `policy/entropy_avg`, PPO
-    `loss/value_avg`, `val/clipfrac_avg`, GRPO/RLOO with beta `kl`; the rollout's statistics
-    under `rollout_metric` names.
+    `policy_loss + vf_coef * value_loss + beta * kl`; GRPO `policy_loss + beta * kl` per token,
+    aggregated by `s.loss_type`; RLOO the per-sequence policy loss
+    (`advantages.sequence_policy_loss`) + beta x each sequence's mean KL, averaged over
+    sequences. `kl` is the k3 KL to the reference; `s.beta` is 0 unless `ppo.kl_in` puts the KL
+    in the loss. Named as TRL: `loss/policy_avg`, `policy/clipfrac_avg`, `policy/approxkl_avg`,
+    `val/ratio`, `policy/entropy_avg`, PPO `loss/value_avg`, `val/clipfrac_avg`, with beta
+    `kl`; the rollout's statistics under `rollout_metric` names.
 
     batch: input_ids/attention_mask `[B, P + N]`, response_mask/old_logprobs/advantages
     (+ old_values/returns for PPO, ref_logprobs when beta > 0) `[B, N]`, row_norm `[B]`
@@ -155,7 +159,7 @@ def rl_sums(params, batch: dict, s: LossSettings, config: ModelConfig, value_con
         vf = ppo_value_loss(values, batch["old_values"], batch["returns"], mask, s.cliprange_value)
         total = total + s.vf_coef * vf["loss"][0]
         out.update({"loss/value_avg": vf["loss"], "val/clipfrac_avg": vf["clipfrac"]})
-    elif s.beta > 0:
+    if s.beta > 0:
         kl = kl_penalty(logp, batch["ref_logprobs"], kind="k3")
         total = total + s.beta * aggregate(kl, mask, s.loss_type, row_norm)[0]
         out["kl"] = (jnp.sum(kl * mask), n)
@@ -301,9 +305,24 @@ def _check(cfg, algorithm: str, model, tokenizer) -> None:
                           f"(ppo.ppo_epochs x ppo.num_minibatches = {per}) so that checkpoints resume exactly")
     if p.reward_weights is not None and not p.reward_fn:
         raise ConfigError("ppo.reward_weights weighs the ppo.reward_fn list: set ppo.reward_fn or drop the weights")
-    for name in ("cliprange", "epsilon_high", "cliprange_value", "kl_coef", "beta", "vf_coef"):
+    for name in ("cliprange", "epsilon_high", "cliprange_value", "kl_coef", "beta", "vf_coef",
+                 "overlong_penalty_factor"):
         if (getattr(p, name) or 0) < 0:
             raise ConfigError(f"ppo.{name} must be >= 0, got {getattr(p, name)}")
+    if not 0 <= p.overlong_cache <= p.response_length:
+        raise ConfigError(f"ppo.overlong_cache={p.overlong_cache} must be in [0, ppo.response_length="
+                          f"{p.response_length}]: the last response tokens over which the overlong penalty falls "
+                          "to -1 (0: off)")
+    if p.kl_in == "reward" and p.beta > 0:
+        raise ConfigError(f"ppo.kl_in=reward puts ppo.kl_coef x KL in the reward; ppo.beta={p.beta} (the KL "
+                          "coefficient in the loss) would be unused: set ppo.beta: 0, or ppo.kl_in: auto")
+    if p.kl_in == "loss" and not p.beta > 0:
+        raise ConfigError("ppo.kl_in=loss puts ppo.beta x k3 KL in the loss, but ppo.beta is 0 (no KL at all): "
+                          "set ppo.beta > 0")
+    if p.kl_in == "loss" and p.adaptive_kl:
+        raise ConfigError("ppo.adaptive_kl adapts ppo.kl_coef, the KL coefficient in the reward; with "
+                          "ppo.kl_in=loss the coefficient is ppo.beta (fixed): set ppo.adaptive_kl: false or "
+                          "ppo.kl_in: reward")
     if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
         raise ConfigError(f"ppo.gamma and ppo.lam must be in [0, 1], got {p.gamma}, {p.lam}")
 
@@ -328,7 +347,8 @@ def load_rl_prompts(cfg, tokenizer) -> tuple[Prompts, Prompts | None]:
     p, d = cfg.ppo, cfg.data
     if d.train is None:
         raise ConfigError("data.train is not set: RL needs prompts (rows with a 'prompt' field)")
-    kw = dict(max_prompt_length=p.max_prompt_length, truncation=p.prompt_truncation)
+    kw = dict(max_prompt_length=p.max_prompt_length, truncation=p.prompt_truncation, on_bad_row=d.on_bad_row,
+              columns=d.columns, system_prompt=d.system_prompt)
     prompts = load_prompts(load_rows(builtin_path(d.train), split=d.train_split), tokenizer, **kw)
     if d.eval is None:
         return prompts, None
@@ -357,7 +377,9 @@ def build(cfg, model, tokenizer) -> Objective:
                               eos_token_ids=stop, pad_token_id=pad_token_id(model.config, tokenizer, stop))
     reward_model, reward_fn = load_reward(cfg, model, tokenizer)
     use_lora = lora.has_lora(model.params)
-    need_ref = algorithm == "ppo" or p.beta > 0 or (algorithm == "rloo" and p.kl_coef > 0)
+    kl_in_reward, kl_in_loss = kl_placement(algorithm, p.kl_in)
+    beta = float(p.beta) if kl_in_loss else 0.0
+    need_ref = algorithm == "ppo" or beta > 0 or (kl_in_reward and p.kl_coef > 0)
     reference = None if use_lora or not need_ref else _copy(model.params)  # frozen initial policy
     value, value_config = (value_params(cfg, model.params, model.config, reward_model, mesh) if algorithm == "ppo"
                            else (None, None))
@@ -367,13 +389,20 @@ def build(cfg, model, tokenizer) -> Objective:
     aggregation = loss_type(algorithm, p.loss_type)
     settings = ExperienceSettings(
         rollout=rollout, seed=t.seed, prompts_per_rollout=per_rollout, missing_eos_penalty=p.missing_eos_penalty or 0.0,
-        advantages=AdvantageSettings(algorithm=algorithm, kind=p.kl_estimator, gamma=float(p.gamma), lam=float(p.lam),
-                                     whiten_rewards=p.whiten_rewards, whiten_advantages=p.whiten_advantages,
-                                     group_size=p.group_size, scale_rewards=p.scale_rewards,
-                                     whiten_scores=p.whiten_scores),
-        drop_uniform_groups=p.drop_uniform_groups, reference_logprobs=algorithm != "ppo" and p.beta > 0,
+        overlong_cache=p.overlong_cache, overlong_factor=float(p.overlong_penalty_factor),
+        advantages=AdvantageSettings(algorithm=algorithm, kind=p.kl_estimator, kl_in=p.kl_in,
+                                     gamma=float(p.gamma), lam=float(p.lam), whiten_rewards=p.whiten_rewards,
+                                     whiten_advantages=p.whiten_advantages, group_size=p.group_size,
+                                     scale_rewards=p.scale_rewards, whiten_scores=p.whiten_scores),
+        drop_uniform_groups=p.drop_uniform_groups, reference_logprobs=beta > 0,
         row_norm=aggregation == "dapo", chunk_size=t.logprob_chunk)
-    stat_names = rollout_stat_names(algorithm, need_ref, tuple(reward_fn.fns) if reward_fn is not None else ())
+    reward_names = tuple(reward_fn.fns) if reward_fn is not None else ()
+    if p.overlong_cache:
+        if "overlong_penalty" in reward_names:
+            raise ConfigError("ppo.reward_fn names a function overlong_penalty, the name under which "
+                              "ppo.overlong_cache's penalty is logged; rename the function")
+        reward_names += ("overlong_penalty",)
+    stat_names = rollout_stat_names(algorithm, need_ref, kl_in_reward, reward_names)
     batches = RolloutBatches(
         functools.partial(collect, prompts=prompts, models=models, s=settings),
         UpdateSchedule(rows=rows // pc, minibatch_rows=t.batch_size // pc, epochs=p.ppo_epochs,
@@ -383,7 +412,7 @@ def build(cfg, model, tokenizer) -> Objective:
     loss_settings = LossSettings(
         algorithm=algorithm, prompt_length=rollout.prompt_length, temperature=rollout.temperature,
         cliprange=float(p.cliprange), cliprange_high=None if p.epsilon_high is None else float(p.epsilon_high),
-        cliprange_value=float(p.cliprange_value), vf_coef=float(p.vf_coef), beta=float(p.beta),
+        cliprange_value=float(p.cliprange_value), vf_coef=float(p.vf_coef), beta=beta,
         loss_type=aggregation, chunk_size=t.logprob_chunk, stats=stat_names)
 
     def loss_fn(params, batch, rng):

@@ -190,8 +190,11 @@ def _check_smoothing(loss_type: str, eps) -> None:
 # ---------------------------------------------------------------------------- KTO
 
 
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
+
 def kto(policy_logps, ref_logps, desirable, reference_point, *, beta: float = 0.1, desirable_weight: float = 1.0,
-        undesirable_weight: float = 1.0):
+        undesirable_weight: float = 1.0, loss_type: str = "kto"):
     """Per-example KTO losses `[B]` and implicit rewards `[B]` for unpaired feedback.
 
     Args:
@@ -199,16 +202,26 @@ def kto(policy_logps, ref_logps, desirable, reference_point, *, beta: float = 0.
       desirable: `[B]` bool (or 1/0): the example's label.
       reference_point: z0, a scalar (see `kto_reference_point`), a constant here.
       beta, desirable_weight, undesirable_weight: β, λ_D, λ_U.
+      loss_type: "kto" or "apo_zero_unpaired" (TRL's names).
 
     With ρ = π - ref (KTO, Ethayarajh et al. 2024, arXiv:2402.01306, Eq. 7; TRL's
     `KTOTrainer`, loss_type "kto"):
       desirable    λ_D (1 - σ(β(ρ - z0)))
       undesirable  λ_U (1 - σ(β(z0 - ρ)))
+    "apo_zero_unpaired" (APO-zero, D'Oosterlinck et al. 2024, arXiv:2408.06266, unpaired):
+    the same with z0 = 0 except that an undesirable example's loss is λ_U σ(βρ), so it
+    needs no reference point (use it when the desirable outputs beat the model's own).
     Rewards are βρ. The batch loss is `losses.mean()` over the examples (TRL's reduction).
     """
+    if loss_type not in KTO_LOSS_TYPES:
+        raise ValueError(f"kto loss_type must be one of {KTO_LOSS_TYPES}, got {loss_type!r}")
     rho = _f32(policy_logps) - _f32(ref_logps)
-    z0 = jax.lax.stop_gradient(_f32(reference_point))
     good = jnp.asarray(desirable).astype(bool)
+    if loss_type == "apo_zero_unpaired":
+        losses = jnp.where(good, desirable_weight * (1.0 - jax.nn.sigmoid(beta * rho)),
+                           undesirable_weight * jax.nn.sigmoid(beta * rho))
+        return losses, beta * rho
+    z0 = jax.lax.stop_gradient(_f32(reference_point))
     losses = jnp.where(good, desirable_weight * (1.0 - jax.nn.sigmoid(beta * (rho - z0))),
                        undesirable_weight * (1.0 - jax.nn.sigmoid(beta * (z0 - rho))))
     return losses, beta * rho

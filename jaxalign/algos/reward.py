@@ -34,7 +34,7 @@ import numpy as np
 
 from jaxalign.algos.pairs import (check_batch_size, concat_sides, length_bias, load_preference_examples, masked_sums,
                                   pair_iterator, pair_runner, per_pair_outputs, response_lengths)
-from jaxalign.errors import ConfigError
+from jaxalign.errors import ConfigError, DataError
 from jaxalign.peft import lora
 
 log = logging.getLogger(__name__)
@@ -72,6 +72,19 @@ def reward_sums(params, config, batch: dict, center_rewards_coefficient: float =
 
 
 
+def margins_from_scores(pairs: list[dict], scale: float, source: str) -> None:
+    """Set each pair's `margin` to `scale` x its `score_gap` (in place); a pair without scores,
+    or with a margin column of its own, is a DataError naming `source`."""
+    missing = sum("score_gap" not in p for p in pairs)
+    if missing:
+        raise DataError(f"reward.margin_from_scores needs score_chosen and score_rejected on every pair; {missing} of "
+                        f"{len(pairs)} {source} pairs have none (map yours with data.columns)")
+    if any(p.get("margin") for p in pairs):
+        raise DataError(f"{source} has a margin column and reward.margin_from_scores is set: use one of them")
+    for p in pairs:
+        p["margin"] = scale * float(p["score_gap"])
+
+
 def build(cfg, model, tokenizer):
     """The reward-model objective: pairs from `cfg.data`, the Bradley–Terry loss, a fresh
     score head on a causal-LM checkpoint, host-side eval with length-bias metrics."""
@@ -87,8 +100,13 @@ def build(cfg, model, tokenizer):
         raise ConfigError(f"reward.center_rewards_coefficient must be >= 0, got {r.center_rewards_coefficient}")
     if r.head_init_std is not None and r.head_init_std < 0:
         raise ConfigError(f"reward.head_init_std must be >= 0, got {r.head_init_std}")
+    if r.margin_from_scores < 0:
+        raise ConfigError(f"reward.margin_from_scores must be >= 0, got {r.margin_from_scores}")
     pairs, stats = load_preference_examples(cfg, tokenizer, "train", r.max_prompt_length)
     eval_pairs, eval_stats = load_preference_examples(cfg, tokenizer, "eval", r.max_prompt_length)
+    if r.margin_from_scores:
+        for which, ps in (("train", pairs), ("eval", eval_pairs or [])):
+            margins_from_scores(ps, r.margin_from_scores, f"data.{which}")
     train_batches = pair_iterator(cfg, pairs, tokenizer, train=True)
     config, mesh, coef = model.config, model.mesh, r.center_rewards_coefficient
 

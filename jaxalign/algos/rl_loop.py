@@ -4,7 +4,8 @@ and a frozen settings dataclass:
     prompts -> rollout -----------> score ------------> experience -----------> advantages ------> updates
                KV-cache sampler,    reward model or     old and reference       GAE (PPO) or       epochs x
                current policy       reward functions,   log-probs, values       group baselines    minibatches
-               (`sample`)           missing-EOS penalty (`experience_forward`)  (`advantages`)     (`minibatch_indices`)
+               (`sample`)           missing-EOS and     (`experience_forward`)  (`advantages`)     (`minibatch_indices`)
+                                    overlong penalties
                                     (`score`)
 """
 
@@ -35,6 +36,14 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------- settings
 
 
+def kl_placement(algorithm: str, kl_in: str) -> tuple[bool, bool]:
+    """(in the reward, in the loss): where `ppo.kl_in` puts the KL to the reference (`kl_coef`
+    x KL in the reward, `beta` x KL in the loss); auto: PPO the reward, GRPO the loss, RLOO both."""
+    if kl_in == "auto":
+        return algorithm != "grpo", algorithm != "ppo"
+    return kl_in == "reward", kl_in == "loss"
+
+
 @dataclasses.dataclass(frozen=True)
 class AdvantageSettings:
     """Static settings of `advantages` (the `ppo.*` keys of the same names; `kind` is
@@ -42,6 +51,7 @@ class AdvantageSettings:
 
     algorithm: str
     kind: str = "k1"
+    kl_in: str = "auto"
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = False
@@ -50,19 +60,27 @@ class AdvantageSettings:
     scale_rewards: str = "group"
     whiten_scores: bool = False
 
+    @property
+    def kl_in_reward(self) -> bool:
+        """Whether `kl_coef` x KL goes into the rewards (`kl_placement`)."""
+        return kl_placement(self.algorithm, self.kl_in)[0]
+
 
 @dataclasses.dataclass(frozen=True)
 class ExperienceSettings:
     """What `collect` needs besides params and models. `prompts_per_rollout` counts all
     processes (`rows / group_size`); `reference_logprobs`: keep the reference's log-probs in
-    the rows (GRPO/RLOO with `beta > 0`); `row_norm`: add each row's share of the rollout's
-    response tokens (`loss_type: dapo`)."""
+    the rows (a KL term in the loss); `row_norm`: add each row's share of the rollout's
+    response tokens (`loss_type: dapo`); `overlong_cache`, `overlong_factor`: DAPO's overlong
+    penalty in `rollout.score` (`ppo.overlong_cache`, `ppo.overlong_penalty_factor`)."""
 
     rollout: RolloutSettings
     advantages: AdvantageSettings
     seed: int
     prompts_per_rollout: int
     missing_eos_penalty: float = 0.0
+    overlong_cache: int = 0
+    overlong_factor: float = 1.0
     drop_uniform_groups: bool = False
     reference_logprobs: bool = False
     row_norm: bool = False
@@ -125,12 +143,13 @@ def rollout_prompts(k: int, num_prompts: int, per_rollout: int, seed: int) -> np
 def advantages(logprobs, ref_logprobs, values, scores, response_mask, kl_coef, s: AdvantageSettings):
     """Per-token advantages `[B, N]`, returns `[B, N]`, KL `[B, N]` and rewards `[B, N]` of a rollout.
 
-    PPO: `rewards_t = -kl_coef * KL_t` on every response token plus the score on the last
-    one (`t = length - 1`, the EOS when there is one; `whiten_scores`: the scores first
-    normalized to mean 0, std 1 over the rollout); GAE by reverse scan; advantages whitened
-    over the response tokens. GRPO / RLOO: per-sequence advantages from the group of
-    `group_size` consecutive rows (GRPO scaled per `scale_rewards`; RLOO on `score - kl_coef
-    * sum_t KL_t`), broadcast over the response tokens. Everything is 0 outside `response_mask`.
+    PPO: `rewards_t = -kl_coef * KL_t` on every response token (`s.kl_in_reward`) plus the
+    score on the last one (`t = length - 1`, the EOS when there is one; `whiten_scores`: the
+    scores first normalized to mean 0, std 1 over the rollout); GAE by reverse scan;
+    advantages whitened over the response tokens. GRPO / RLOO: per-sequence advantages from
+    the group of `group_size` consecutive rows (GRPO scaled per `scale_rewards`) on `score -
+    kl_coef * sum_t KL_t` (`s.kl_in_reward`; else on the score), broadcast over the response
+    tokens. Everything is 0 outside `response_mask`.
     """
     m = response_mask.astype(jnp.float32)
     kl = kl_penalty(logprobs, ref_logprobs, kind=s.kind) * m
@@ -138,7 +157,7 @@ def advantages(logprobs, ref_logprobs, values, scores, response_mask, kl_coef, s
         if s.whiten_scores:
             scores = whiten(scores, jnp.ones_like(scores))
         last = jnp.maximum(jnp.sum(m, axis=1).astype(jnp.int32) - 1, 0)
-        rewards = -kl_coef * kl
+        rewards = -kl_coef * kl if s.kl_in_reward else jnp.zeros_like(kl)
         rewards = rewards.at[jnp.arange(m.shape[0]), last].add(scores)
         if s.whiten_rewards:
             rewards = whiten(rewards, m, shift_mean=False) * m
@@ -146,10 +165,12 @@ def advantages(logprobs, ref_logprobs, values, scores, response_mask, kl_coef, s
         if s.whiten_advantages:
             adv = whiten(adv, m)
         return adv * m, ret * m, kl, rewards
+    if s.kl_in_reward:
+        scores = scores - kl_coef * jnp.sum(kl, axis=1)
     if s.algorithm == "grpo":
         seq = grpo_advantages(scores, s.group_size, scale_rewards=s.scale_rewards)
     else:
-        seq = rloo_advantages(scores - kl_coef * jnp.sum(kl, axis=1), s.group_size)
+        seq = rloo_advantages(scores, s.group_size)
     return seq[:, None] * m, jnp.zeros_like(m), kl, jnp.zeros_like(m)
 
 
@@ -169,7 +190,8 @@ def collect(params, k: int, kl_coef: float, prompts: Prompts, models: Models,
     ids, mask, texts = prompt_batch(prompts, rollout_prompts(k, len(prompts), s.prompts_per_rollout, s.seed),
                                     a.group_size, r)
     batch = sample(policy, models.config, ids, mask, jax.random.fold_in(jax.random.key(s.seed), k), r, models.mesh)
-    raw, scores, parts = score(batch, texts, models.reward, models.tokenizer, r.prompt_length, s.missing_eos_penalty)
+    raw, scores, parts = score(batch, texts, models.reward, models.tokenizer, r.prompt_length, s.missing_eos_penalty,
+                               s.overlong_cache, s.overlong_factor)
     logp, entropy, ref_logp, values = experience_forward(
         policy, models.reference_of(policy), params.get("value"), g(batch["input_ids"]), g(batch["attention_mask"]),
         config=models.config, value_config=models.value_config, prompt_length=r.prompt_length,
@@ -197,7 +219,7 @@ def collect(params, k: int, kl_coef: float, prompts: Prompts, models: Models,
     n = max(float(tok["tokens"]), 1.0)
     stats.update(kl_coef=kl_coef, entropy=tok["entropy"] / n,
                  sampler_logprob_error=float(np.abs((logp - batch["sampler_logprobs"]) * m).max()))
-    if a.algorithm in ("ppo", "rloo"):
+    if a.kl_in_reward:
         stats["non_score_reward"] = -kl_coef * stats["kl"]
     if a.algorithm == "ppo":
         rows.update(old_values=values, returns=ret)
@@ -220,7 +242,7 @@ def minibatch_indices(i: int, k: int, s: UpdateSchedule) -> np.ndarray:
 
 def evaluate(policy, prompts: Prompts, models: Models, s: RolloutSettings, *, rows: int, seed: int,
              greedy: bool, eval_fn: Callable | None = None) -> dict[str, float]:
-    """Mean score (before the missing-EOS penalty), response length and EOS fraction of
+    """Mean score (before the missing-EOS and overlong penalties), response length and EOS fraction of
     responses to `prompts`, sampled in batches of `rows` per process with settings `s`
     (greedy: argmax); `reward_fn`: the mean of `eval_fn` when given."""
     n, pi, pc = len(prompts), jax.process_index(), jax.process_count()

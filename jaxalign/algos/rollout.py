@@ -15,7 +15,7 @@ The pieces the RL stages (`jaxalign.algos.rl_loop`: PPO, GRPO, RLOO) are made of
   re-tokenizing the decoded text when its tokenizer differs from the policy's.
 * `load_reward_fn`: a Python `"module:function"` reward `(prompts, completions) -> scores`;
   `RewardFunctions`: several of them with weights; `score`: either, with the missing-EOS
-  penalty.
+  and (DAPO) overlong penalties.
 
 Conventions: pad and EOS are distinct; `response_mask[b, i] = 1` on generated tokens up to
 and including the first stop token (what the sampler returns); everything after is pad.
@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxalign.algos.logprobs import label_logprobs
-from jaxalign.data.formats import DataStats, _truncate_prompt, is_conversational, render_chat
+from jaxalign.data.formats import DataStats, tokenize_prompts
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.config import ModelConfig
 from jaxalign.models.llama import hidden_states
@@ -60,44 +60,22 @@ class Prompts:
         return len(self.ids)
 
 
-def load_prompts(rows, tokenizer, *, max_prompt_length: int, truncation: str = "left") -> Prompts:
-    """Prompts of `rows` (each with `prompt`: a string, encoded with special tokens like SFT's
-    prompt piece, or a list of chat messages rendered with `add_generation_prompt=True`).
+def load_prompts(rows, tokenizer, *, max_prompt_length: int, truncation: str = "left", on_bad_row: str = "drop",
+                 columns=None, system_prompt: str | None = None) -> Prompts:
+    """Prompts of `rows` (`jaxalign.data.tokenize_prompts`: a `prompt` string or messages, or
+    the shared head of `chosen`/`rejected`; `data.columns` / `data.system_prompt` applied).
 
     Longer than `max_prompt_length` tokens: `truncation="left"` keeps the last tokens (and
     BOS), counted in `stats.truncated`; `"skip"` drops the row (reason `too_long`). Rows
-    without a usable prompt are dropped and counted.
+    without a usable prompt are dropped and counted (or raise, `on_bad_row="error"`).
     """
-    if truncation not in ("left", "skip"):
-        raise ConfigError(f"prompt truncation must be 'left' or 'skip', got {truncation!r}")
-    stats = DataStats(format="prompt")
-    ids, texts = [], []
-    for row in rows:
-        stats.rows += 1
-        prompt = row.get("prompt") if hasattr(row, "get") else None
-        if is_conversational(prompt):
-            text = render_chat(tokenizer, prompt, add_generation_prompt=True)
-            tok = tokenizer.encode(text, add_special_tokens=False)
-        elif isinstance(prompt, str) and prompt:
-            text = prompt
-            tok = tokenizer.encode(prompt, add_special_tokens=True)
-        else:
-            stats.drop("missing_prompt")
-            continue
-        tok = np.asarray(tok, np.int32)
-        if len(tok) > max_prompt_length:
-            if truncation == "skip":
-                stats.drop("too_long")
-                continue
-            tok = _truncate_prompt(tok, max_prompt_length, tokenizer.bos_token_id)
-            stats.truncated += 1
-        ids.append(tok)
-        texts.append(text)
-        stats.examples += 1
-    if not ids:
-        raise DataError(f"no usable prompts: {stats.as_dict()}; rows need a 'prompt' field (string or messages)"
-                        + (" no longer than ppo.max_prompt_length" if stats.drop_reasons.get("too_long") else ""))
-    return Prompts(ids, texts, stats)
+    examples, stats = tokenize_prompts(rows, tokenizer, max_prompt_length=max_prompt_length, truncation=truncation,
+                                       on_bad_row=on_bad_row, columns=columns, system_prompt=system_prompt)
+    if not examples:
+        hint = (" no longer than ppo.max_prompt_length" if stats.drop_reasons.get("too_long") else "")
+        raise DataError(f"no usable prompts: {stats.as_dict()}; rows need a 'prompt' field (string or messages){hint}"
+                        " (map yours with data.columns)")
+    return Prompts([e["prompt_ids"] for e in examples], [e["text"] for e in examples], stats)
 
 
 def prompt_batch(prompts: Prompts, idx, group: int, s: RolloutSettings) -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -361,17 +339,32 @@ def decode_responses(tokenizer, batch: dict[str, np.ndarray], prompt_length: int
     return [tokenizer.decode(r[m > 0], skip_special_tokens=True) for r, m in zip(resp, batch["response_mask"])]
 
 
+def overlong_penalty(lengths, max_length: int, cache: int) -> np.ndarray:
+    """DAPO's soft overlong punishment (Yu et al. 2025, arXiv:2503.14476, Eq. 13; TRL's
+    `get_soft_overlong_punishment`) of response lengths `[b]`: 0 up to `max_length - cache`
+    tokens, `(max_length - cache - length) / cache` up to `max_length`, -1 beyond (float32 `[b]`)."""
+    return np.clip((max_length - cache - np.asarray(lengths, np.float32)) / max(cache, 1), -1.0, 0.0)
+
+
 def score(batch: dict[str, np.ndarray], texts: list[str], reward: RewardModel | RewardFunctions, tokenizer,
-          prompt_length: int, missing_eos_penalty: float = 0.0):
+          prompt_length: int, missing_eos_penalty: float = 0.0, overlong_cache: int = 0,
+          overlong_factor: float = 1.0):
     """(raw `[b]`, scores `[b]`, {reward function name: its scores `[b]`}) of the local rows of
     a `sample` batch: the reward model at the last real token, or the reward functions on
     (`texts`, the decoded completions); `scores` = raw minus `missing_eos_penalty` where a
-    response ended without a stop token."""
+    response ended without a stop token, plus (`overlong_cache > 0`) `overlong_factor` x
+    `overlong_penalty` of the response lengths (`response_mask` sums, the stop token
+    included) against `N`, reported as part `overlong_penalty`."""
     if isinstance(reward, RewardModel):
         raw, parts = reward(batch, prompt_length), {}
     else:
         raw, parts = reward(texts, decode_responses(tokenizer, batch, prompt_length))
-    return raw, raw - (missing_eos_penalty or 0.0) * (1 - batch["eos"]), parts
+    scores = raw - (missing_eos_penalty or 0.0) * (1 - batch["eos"])
+    if overlong_cache:
+        mask = batch["response_mask"]
+        parts["overlong_penalty"] = overlong_factor * overlong_penalty(mask.sum(1), mask.shape[1], overlong_cache)
+        scores = scores + parts["overlong_penalty"]
+    return raw, scores, parts
 
 
 def tree_bytes(tree) -> int:

@@ -1,8 +1,10 @@
-"""Throughput and memory benchmarks: `jaxalign bench forward | sft | dpo | generate | memory`.
+"""Throughput and memory benchmarks: `jaxalign bench forward | sft | dpo | generate | memory | rl`.
 
-Every benchmark prints jaxalign's numbers next to its peer measured in the same run
+Every benchmark but `rl` prints jaxalign's numbers next to its peer measured in the same run
 (transformers, TRL, Tunix on the same weights and inputs, each in a fresh process), so the
-ratio is what to read. One JSON line per result; `--out` appends them to a file.
+ratio is what to read. `rl` has no peer: it splits one GRPO and one PPO iteration into its
+phases (generate, score, experience, advantages, update) and reports where the time goes.
+One JSON line per result; `--out` appends them to a file.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from jaxalign.bench.common import (BENCH_SHAPE, DEVICE_PEAK_TFLOPS, chip_peak_tf
 from jaxalign.bench.dpo import bench_dpo
 from jaxalign.bench.generate import bench_generate
 from jaxalign.bench.memory import VARIANTS, bench_memory
+from jaxalign.bench.rl import PHASES, bench_rl
 from jaxalign.bench.train import bench_forward, bench_sft
 
-__all__ = ["BENCH_SHAPE", "DEVICE_PEAK_TFLOPS", "VARIANTS", "bench_dpo", "bench_forward", "bench_generate", "bench_memory",
-           "bench_sft", "chip_peak_tflops", "make_bench_checkpoint", "train_flops_per_token"]
+__all__ = ["BENCH_SHAPE", "DEVICE_PEAK_TFLOPS", "PHASES", "VARIANTS", "bench_dpo", "bench_forward", "bench_generate",
+           "bench_memory", "bench_rl", "bench_sft", "chip_peak_tflops", "make_bench_checkpoint",
+           "train_flops_per_token"]
 
 
 def _ints(text: str) -> list[int]:
@@ -66,10 +70,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     mem.add_argument("--seq", type=int, default=256)
     mem.add_argument("--checkpoint", default=None, help=checkpoint)
     mem.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    rl = sub.add_parser("rl", help="one GRPO and one PPO iteration split into phases: generate, score, experience, "
+                                   "advantages, update (ms, share of the iteration, generation tokens/s)")
+    rl.add_argument("--prompts", type=int, default=8, help="prompts per GRPO iteration")
+    rl.add_argument("--group", type=int, default=4,
+                    help="GRPO samples per prompt (PPO: one sample for each of prompts x group prompts)")
+    rl.add_argument("--prompt-len", type=int, default=32)
+    rl.add_argument("--new-tokens", type=int, default=32, help="tokens sampled per response (no early stop)")
+    rl.add_argument("--iters", type=int, default=2, help="iterations timed after the first (compiling) one")
+    rl.add_argument("--epochs", type=int, default=1, help="passes over each rollout in the update phase")
+    rl.add_argument("--minibatches", type=int, default=2, help="optimizer steps per epoch")
+    rl.add_argument("--grpo-beta", type=float, default=0.04,
+                    help="GRPO's KL-to-reference loss weight (0: no reference forward in the experience phase)")
+    rl.add_argument("--algos", default="grpo,ppo", help="comma-separated, of: grpo, ppo")
+    rl.add_argument("--checkpoint", default=None, help=checkpoint)
+    rl.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="auto: bfloat16 on GPU/TPU, float32 on CPU")
     for p in (sft, dpo):
         p.add_argument("--peak-tflops", type=float, default=None,
                        help="chip peak for MFU (default: the chip's dense bf16 peak when its kind is known)")
-    for p in (fwd, sft, dpo, gen, mem):
+    for p in (fwd, sft, dpo, gen, mem, rl):
         p.add_argument("--out", default=None, help="append the JSON result(s) to this file")
 
 
@@ -96,6 +116,10 @@ def run(args: argparse.Namespace) -> list[dict]:
     elif args.which == "generate":
         results = bench_generate(checkpoint, args.batches, args.prompt_len, args.new_tokens, args.iters,
                                  [p for p in args.peers.split(",") if p], args.dtype)
+    elif args.which == "rl":
+        results = bench_rl(checkpoint, args.prompts, args.group, args.prompt_len, args.new_tokens, args.iters,
+                           tuple(a for a in args.algos.split(",") if a), args.epochs, args.minibatches, args.grpo_beta,
+                           args.compute_dtype)
     else:
         results = [bench_memory(args.batch, args.seq, checkpoint, tuple(args.variants.split(",")))]
     for result in results:

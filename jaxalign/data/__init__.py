@@ -2,7 +2,7 @@
 
 * :mod:`~jaxalign.data.sources`: :func:`load_rows` (Hub name, local JSON/JSONL/parquet, list of dicts).
 * :mod:`~jaxalign.data.formats`: format detection, chat templates, :func:`tokenize_sft`,
-  :func:`tokenize_preference`, :func:`tokenize_unpaired`, :func:`map_columns` (loss-mask convention: ``loss_mask[t] = 1`` = token ``t`` is a target).
+  :func:`tokenize_preference`, :func:`tokenize_unpaired`, :func:`tokenize_prompts`, :func:`map_columns` (loss-mask convention: ``loss_mask[t] = 1`` = token ``t`` is a target).
 * :mod:`~jaxalign.data.batching`: bucketed padding, packing, :class:`BatchIterator`.
 * :mod:`~jaxalign.data.tokenizer`: the embedded character-level tokenizer, :func:`load_tokenizer`.
 * :mod:`~jaxalign.data.tasks`: the embedded copy/reverse task, :func:`check_answer`, :func:`quickstart_dir`.
@@ -41,6 +41,7 @@ from jaxalign.data.formats import (
     split_implicit_prompt,
     tokenize_pieces,
     tokenize_preference,
+    tokenize_prompts,
     tokenize_sft,
     tokenize_unpaired,
 )
@@ -64,7 +65,7 @@ __all__ = [
     "pad_batch", "pad_pairs", "pair_sequences",
     "FORMATS", "PREFERENCE_FORMATS", "SFT_FORMATS", "DataStats", "chat_pieces", "detect_format",
     "is_conversational", "map_columns", "render_chat", "split_implicit_messages", "split_implicit_prompt",
-    "tokenize_pieces", "tokenize_preference", "tokenize_sft", "tokenize_unpaired",
+    "tokenize_pieces", "tokenize_preference", "tokenize_prompts", "tokenize_sft", "tokenize_unpaired",
     "column_names", "configured_rows", "load_rows",
     "check_answer", "expected_answer", "quickstart_dir", "quickstart_file", "score",
     "build_tokenizer", "ensure_pad_token", "load_tokenizer",

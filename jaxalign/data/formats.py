@@ -670,6 +670,29 @@ def _pair_parts(row: Mapping, fmt: str, system_prompt: str | None = None):
     return _with_system(prompt, system), chosen, rejected, True
 
 
+def prompt_of(row: Mapping, system_prompt: str | None = None):
+    """The prompt an online method samples from: the row's ``prompt`` (a string, or messages),
+    else the shared head of its ``chosen``/``rejected`` (preference rows without a prompt
+    column). A system prompt (the row's ``system`` column, else ``system_prompt``) makes a
+    string prompt a user turn after it. Raises ``BadRow`` for a row without a usable prompt.
+    """
+    system = _system(row, system_prompt)
+    if row.get("prompt") is None and row.get("chosen") is not None and row.get("rejected") is not None:
+        prompt = _pair_parts(row, "implicit_preference", system)[0]
+    else:
+        prompt = row.get("prompt")
+        if prompt is None or (isinstance(prompt, str) and not prompt.strip()):
+            raise BadRow("missing_prompt", "field 'prompt' is missing or empty")
+        prompt = _text_or_messages(row, "prompt")
+        if isinstance(prompt, str) and not system:
+            return prompt
+        prompt = _with_system(_as_messages(prompt, "prompt", "user"), system)
+    if isinstance(prompt, list) and prompt and prompt[-1]["role"] == "assistant":
+        raise BadRow("prompt_ends_with_assistant", "the prompt's last turn is the assistant's; a prompt to "
+                                                   "sample from must end with a user (or system) turn")
+    return prompt
+
+
 def _check_pair(chosen, rejected, conv: bool) -> None:
     for name, resp in (("chosen", chosen), ("rejected", rejected)):
         _check_response(resp, name, conv)
@@ -863,3 +886,44 @@ def tokenize_unpaired(
         return {"prompt_ids": prompt_ids, "completion_ids": c_ids, "label": bool(label)}
 
     return _tokenize_rows(rows, fmt, on_bad_row, columns, one)
+
+
+def tokenize_prompts(
+    rows: Iterable[Mapping],
+    tokenizer,
+    *,
+    max_prompt_length: int,
+    truncation: str = "left",
+    on_bad_row: str = "drop",
+    columns: Mapping[str, str] | None = None,
+    system_prompt: str | None = None,
+) -> tuple[list[dict], DataStats]:
+    """Prompts for online methods (RL, online DPO): ``[{"prompt_ids": int32 [P], "text": str}]``.
+
+    The prompt is :func:`prompt_of` the row: a string is encoded with special tokens (like
+    SFT's prompt piece), messages are rendered with the generation prompt. Longer than
+    ``max_prompt_length`` tokens: ``truncation="left"`` keeps the last tokens (and BOS),
+    counted in ``stats.truncated``; ``"skip"`` drops the row (reason ``too_long``).
+    ``on_bad_row``, ``columns``, ``system_prompt``: as for :func:`tokenize_sft`.
+    """
+    if truncation not in ("left", "skip"):
+        raise DataError(f"prompt truncation must be 'left' or 'skip', got {truncation!r}")
+    if on_bad_row not in ("drop", "error"):
+        raise DataError(f"on_bad_row must be 'drop' or 'error', got {on_bad_row!r}")
+
+    def one(row, stats):
+        prompt = prompt_of(row, system_prompt)
+        if isinstance(prompt, str):
+            text, ids = prompt, tokenizer.encode(prompt, add_special_tokens=True)
+        else:
+            text = render_chat(tokenizer, prompt, add_generation_prompt=True)
+            ids = tokenizer.encode(text, add_special_tokens=False)
+        ids = np.asarray(ids, np.int32)
+        if len(ids) > max_prompt_length:
+            if truncation == "skip":
+                raise BadRow("too_long", f"the prompt has {len(ids)} tokens, more than {max_prompt_length}")
+            ids = _truncate_prompt(ids, max_prompt_length, tokenizer.bos_token_id)
+            stats.truncated += 1
+        return {"prompt_ids": ids, "text": text}
+
+    return _tokenize_rows(map_columns(rows, columns), PROMPT_FORMAT, on_bad_row, columns, one)

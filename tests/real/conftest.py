@@ -30,7 +30,7 @@ def smollm2_gguf(smollm2_dir):
 def addition_rows(part: str, n: int) -> list[dict]:
     """Chat `prompt` / `completion` rows of the bundled arithmetic task: `n` training pairs from
     slice `part` of the train split (parts never overlap), or the first `n` held-out pairs."""
-    starts = {"sft": 0, "qlora": 64, "dpo": 96, "grpo": 112, "orpo": 120}
+    starts = {"sft": 0, "qlora": 64, "dpo": 96, "grpo": 112, "orpo": 120, "kto": 128, "online_dpo": 136}
     if part == "eval":
         return arithmetic.make_rows(arithmetic.make_splits(n_train=0, n_eval=n)[1])
     train, _ = arithmetic.make_splits(n_train=starts[part] + n)

@@ -224,3 +224,42 @@ def test_grpo_steps_run_with_a_checker_reward(smollm2_dir, tmp_path):
     assert len(logs) == 2 and all(np.isfinite(r["loss"]) for r in logs)
     assert any(k.startswith("rollout/") or k.startswith("objective/") or "reward" in k for k in logs[0])
 
+
+def test_kto_steps_on_mapped_unpaired_rows_with_a_system_prompt(smollm2_dir, tmp_path):
+    """KTO on unpaired feedback named differently (data.columns) with a system prompt: the right
+    sum is desirable, a wrong one undesirable. Step 1 sees policy == reference (margin 0, loss
+    0.5); after one update the desirable examples' implicit reward is above the undesirable's."""
+    rows = []
+    for i, r in enumerate(addition_rows("kto", 8)):
+        answer = r["answer"] if i % 2 else r["answer"] + 10
+        rows.append({"question": r["prompt"][0]["content"], "reply": str(answer), "good": bool(i % 2)})
+    overrides = [f"model.path={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
+                 f"data.train={write_rows(str(tmp_path / 'feedback.jsonl'), rows)}", "data.max_length=64",
+                 "data.buckets=[64]", "data.on_bad_row=error", "data.system_prompt=Answer with the number only.",
+                 "data.columns={prompt: question, completion: reply, label: good}", "lora.rank=8",
+                 "optim.learning_rate=1e-3", "optim.schedule=constant", "train.steps=2", "train.batch_size=8",
+                 "train.export=false", *FAST]
+    train(load_config(None, ["algorithm=kto", *overrides]))
+    logs = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert len(logs) == 2 and all(np.isfinite(r["loss"]) for r in logs)
+    assert logs[0]["loss"] == pytest.approx(0.5, abs=1e-4) and logs[0]["rewards/margins"] == pytest.approx(0, abs=1e-4)
+    assert logs[-1]["rewards/margins"] > 0
+
+
+def test_online_dpo_steps_sample_judge_and_train(smollm2_dir, tmp_path):
+    """Online DPO with the task checker as judge, prompts read from preference rows (the shared
+    head of chosen/rejected): pairs are sampled, judged (ties dropped) and trained on."""
+    rows = []
+    for r in addition_rows("online_dpo", 8):
+        wrong = {"role": "assistant", "content": str(r["answer"] + 10)}
+        rows.append({"chosen": r["prompt"] + r["completion"], "rejected": r["prompt"] + [wrong]})
+    overrides = [f"model.path={smollm2_dir}", f"output_dir={tmp_path / 'run'}",
+                 f"data.train={write_rows(str(tmp_path / 'prefs.jsonl'), rows)}", "data.eval=null",
+                 "ppo.reward_fn=jaxalign.data.arithmetic:reward", "ppo.max_prompt_length=64",
+                 "ppo.response_length=6", "ppo.temperature=1.0", "lora.rank=8", "optim.learning_rate=1e-4",
+                 "train.steps=2", "train.batch_size=8", "train.export=false", *FAST]
+    train(load_config(None, ["algorithm=online_dpo", *overrides]))
+    logs = [r for r in read_metrics(str(tmp_path / "run")) if "loss" in r]
+    assert len(logs) == 2 and all(np.isfinite(r["loss"]) for r in logs)
+    assert all(0.0 <= r["judge/tie_fraction"] <= 1.0 for r in logs)
+
