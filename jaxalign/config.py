@@ -267,6 +267,7 @@ class KTOSection:
     beta: float = 0.1  # strength of the implicit KL to the reference
     desirable_weight: float = 1.0  # weight of the desirable examples' losses
     undesirable_weight: float = 1.0  # weight of the undesirable examples' losses
+    nll_alpha: float = 0.0  # + this x the per-token NLL of each desirable completion (as dpo.rpo_alpha; 0: off)
     reference: str = "auto"  # where reference log-probs come from (see above)
     max_prompt_length: int | None = None  # prompts cut from the left to this many tokens (null: no cut)
 

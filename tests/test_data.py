@@ -753,3 +753,65 @@ def test_unpaired_feedback(chatml, tok):
     examples, stats = tokenize_unpaired([{"prompt": "copy: ab\n", "chosen": "ab", "rejected": "ba"}], tok)
     assert stats.examples == 2 and [e["label"] for e in examples] == [True, False]
     assert [tok.decode(e["completion_ids"].tolist(), skip_special_tokens=True) for e in examples] == ["ab", "ba"]
+
+
+def test_prompts_for_online_methods(chatml, plain_tok):
+    from jaxalign.data import tokenize_prompts
+
+    def texts(rows, **kw):
+        examples, stats = tokenize_prompts(rows, chatml, max_prompt_length=256, **kw)
+        return [e["text"] for e in examples], stats
+
+    (plain,), _ = texts([{"prompt": SKY}])
+    assert plain == SKY  # a string stays text (encoded with special tokens)
+    (brief,), _ = texts([{"prompt": SKY}], system_prompt="Be brief.")  # a system prompt makes it a user turn
+    assert brief.startswith("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n" + SKY)
+    assert brief.endswith("<|im_start|>assistant\n")
+    (terse,), _ = texts([{"prompt": SKY, "system": "Be terse."}], system_prompt="Be brief.")  # the row wins
+    assert "Be terse." in terse and "Be brief." not in terse
+    # Preference rows: the prompt column, else the shared head of chosen/rejected (UltraFeedback and implicit).
+    uf = {"prompt": SKY, "chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]}
+    implicit = {"chosen": [user(SKY), assistant("Blue.")], "rejected": [user(SKY), assistant("Green.")]}
+    (a, b), _ = texts([uf, implicit], system_prompt="Be brief.")
+    assert a == b == brief
+    # data.columns, and bad rows counted or named.
+    (mapped,), _ = texts([{"question": SKY}], columns={"prompt": "question"}, system_prompt="Be brief.")
+    assert mapped == brief
+    ok, stats = texts([{"prompt": SKY}, {"prompt": " "}, {"text": "x"}, {"prompt": [assistant("Hi.")]}])
+    assert ok == [SKY] and stats.drop_reasons == {"missing_prompt": 2, "prompt_ends_with_assistant": 1}
+    with pytest.raises(DataError, match="row 1: field 'prompt' is missing or empty.*data.columns: prompt='q'"):
+        tokenize_prompts([{"q": SKY}, {"q": ""}], chatml, max_prompt_length=256, columns={"prompt": "q"},
+                         on_bad_row="error")
+    with pytest.raises(DataError, match="system prompt needs|chat_template"):
+        tokenize_prompts([{"prompt": SKY}], plain_tok, max_prompt_length=256, system_prompt="Be brief.",
+                         on_bad_row="error")
+
+
+def test_pair_batches_carry_each_sides_scored_positions():
+    """`{side}_score_at` `[B, K]`: the positions t whose next token the loss mask marks
+    (`shifted_targets_mask`'s rule), in order, then -1. K follows the global batch (one width for
+    both sides and every process), rounded up to a multiple of max(16, T // 8), at most T."""
+    from jaxalign.algos.logprobs import shifted_targets_mask
+    from jaxalign.data.batching import pad_pairs, score_width
+
+    rng = np.random.default_rng(0)
+    ids = lambda lo, hi: rng.integers(3, 99, int(rng.integers(lo, hi + 1)))  # noqa: E731
+    pairs = [{"prompt_ids": ids(0, 40), "chosen_ids": ids(1, 60), "rejected_ids": ids(1, 20)} for _ in range(24)]
+    kw = dict(shuffle=False, buckets=[32, 64, 128], num_epochs=1)
+    its = [BatchIterator(pairs, 8, **kw)] + [BatchIterator(pairs, 8, process_index=i, process_count=2, **kw)
+                                             for i in range(2)]
+    for g, *parts in zip(*its):
+        t = g["chosen_input_ids"].shape[1]
+        k = g["chosen_score_at"].shape[1]
+        assert k == score_width(int(np.max((g["chosen_loss_mask"] | g["rejected_loss_mask"]).sum(1))), t)
+        assert k % max(16, t // 8) == 0 or k == t
+        for side in ("chosen", "rejected"):
+            assert np.array_equal(np.concatenate([p[f"{side}_score_at"] for p in parts]), g[f"{side}_score_at"])
+            mask = np.asarray(shifted_targets_mask(g[f"{side}_loss_mask"], g[f"{side}_segment_ids"]))
+            for row, at in zip(mask, g[f"{side}_score_at"]):
+                n = int(row.sum())
+                assert at[:n].tolist() == np.flatnonzero(row).tolist() and np.all(at[n:] == -1)
+    no_prompt = {"prompt_ids": np.array([], np.int64), "chosen_ids": np.array([5, 6, 7]), "rejected_ids": np.array([8])}
+    b = pad_pairs([no_prompt, None], 16, 0)
+    assert b["chosen_score_at"].tolist() == [[0, 1] + [-1] * 14, [-1] * 16]  # token 0 has nothing to predict it
+    assert b["rejected_score_at"].tolist() == [[-1] * 16, [-1] * 16]

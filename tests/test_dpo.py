@@ -51,6 +51,40 @@ def test_sequence_logps_match_transformers(hf_model):
         np.testing.assert_array_equal(lengths, [len(p[f"{side}_ids"]) for p in pairs])
 
 
+def test_scored_positions_give_the_full_paths_logps_and_gradients(hf_model):
+    """`sequence_logps` on the batch builders' `score_at` (LM head at the response positions
+    only) equals the full path (LM head everywhere, then the shifted loss mask): log-probs,
+    lengths and gradients, for right padding (`pad_pairs`) and left padding (online DPO's
+    rows), responses of different lengths, and rows scoring nothing (an all-padding row, a tied
+    online pair)."""
+    from jaxalign.algos import online_dpo
+    from jaxalign.algos.pairs import concat_sides
+
+    _, path = hf_model("llama", initializer_range=0.05)
+    model = load_model(path, dtype="float32")
+    right = pad_pairs(random_pairs(3) + [None], 32, 0)
+    # 4 left-padded prompt columns, then 3 response columns (response_mask 0 after the EOS, id 2).
+    ids = np.array([[0, 0, 5, 6, 7, 8, 2], [0, 9, 10, 11, 12, 2, 0], [13, 14, 15, 16, 17, 18, 19],
+                    [0, 0, 0, 20, 21, 22, 23]], np.int32)
+    sampled = {"input_ids": ids, "attention_mask": (ids > 0).astype(np.int32),
+               "response_mask": (ids[:, 4:] > 0).astype(np.int32)}
+    left = online_dpo.pair_rows(sampled, np.array([0, 2]), np.array([1, 3]), np.array([True, False]), 4)
+    logps = jax.jit(lambda p, b: dpo.sequence_logps(p, model.config, b))
+    grads = jax.jit(jax.grad(lambda p, b, w: jax.numpy.sum(w * dpo.sequence_logps(p, model.config, b)[0])))
+    for pairs in (right, left):
+        gathered = concat_sides(pairs)
+        full = {k: v for k, v in gathered.items() if k != "score_at"}
+        assert gathered["score_at"].shape[1] < gathered["input_ids"].shape[1]
+        (lg, ng), (lf, nf) = logps(model.params, gathered), logps(model.params, full)
+        n = np.asarray(nf)
+        assert np.any(n == 0) and len(set(n[n > 0])) > 1  # empty rows, different lengths
+        np.testing.assert_array_equal(ng, nf)
+        np.testing.assert_allclose(lg, lf, rtol=1e-5, atol=1e-5)
+        w = np.linspace(0.5, 1.5, len(nf)).astype(np.float32)
+        for a, b in zip(*(jax.tree.leaves(grads(model.params, batch, w)) for batch in (gathered, full))):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def _objective(tmp_path, path, extra=()):
     mesh = make_mesh((4, 2, 1))
     cfg = small_run_config(tmp_path, path, QUICKSTART, ["data.max_eval_examples=16", *extra])

@@ -54,7 +54,7 @@ def test_batches_pair_each_prompt_with_the_previous_completion(tmp_path):
     assert stats.format == "unpaired_preference" and len(examples) == 8
     it = kto.pair_iterator(cfg, examples, tok, train=False, iterator=kto.KTOBatches)
     batch = next(it)
-    assert set(batch) == {f"{s}_{k}" for s in ("completion", "kl") for k in BATCH_KEYS} | {"label"}
+    assert set(batch) == {f"{s}_{k}" for s in ("completion", "kl") for k in (*BATCH_KEYS, "score_at")} | {"label"}
     np.testing.assert_array_equal(batch["label"], [float(e["label"]) for e in examples[:4]])
     for i in range(4):
         p, c, prev = examples[i]["prompt_ids"], examples[i]["completion_ids"], examples[(i - 1) % 4]["completion_ids"]
@@ -113,8 +113,37 @@ def test_loss_matches_the_formula_and_references_agree(tmp_path, hf_model):
             assert m[key] == pytest.approx(value, rel=1e-3, abs=1e-5), (name, key)
 
 
+def test_apo_zero_unpaired_needs_no_reference_point(tmp_path, hf_model):
+    """loss_type apo_zero_unpaired: desirable λ_D(1 - σ(βρ)), undesirable λ_U σ(βρ), kl logged as 0;
+    one example per batch is allowed (no mismatched pairs needed). nll_alpha adds α x the
+    per-token NLL of each desirable completion."""
+    _, path = hf_model("llama", initializer_range=0.05)
+    cfg, model, apo = _objective(tmp_path, path, ["kto.loss_type=apo_zero_unpaired", "kto.undesirable_weight=1.5",
+                                                  "kto.nll_alpha=0.5"])
+    assert apo.summary["kto"].startswith("loss_type=apo_zero_unpaired")
+    kto.check_kto_config(small_run_config(tmp_path, "unused", QUICKSTART, ["kto.loss_type=apo_zero_unpaired",
+                                                                          "train.batch_size=1"]))
+    batch = next(apo.train_batches)
+    params = apo.init_params(model.params)
+    moved = jax.tree.map(lambda w: w * 1.05, params["reference"])
+    sums = jax.jit(apo.loss_fn)({"policy": moved, "reference": params["reference"]}, batch, None)
+    m = {k: float(s) / max(float(c), 1) for k, (s, c) in sums.items()}
+    logp = lambda p: np.asarray(sequence_logps(p, model.config, sides(batch, "completion"))[0], np.float64)  # noqa
+    lengths = np.asarray(sequence_logps(moved, model.config, sides(batch, "completion"))[1], np.float64)
+    rho = 0.1 * (logp(moved) - logp(params["reference"]))
+    good = batch["label"] > 0.5
+    nll = -logp(moved) / lengths
+    sig = lambda x: 1 / (1 + np.exp(-x))  # noqa: E731
+    assert np.abs(rho).max() > 1e-2  # the policy moved
+    want = np.where(good, 1 - sig(rho) + 0.5 * nll, 1.5 * sig(rho))
+    assert m["loss"] == pytest.approx(np.mean(want), rel=1e-4)
+    assert m["nll_loss"] == pytest.approx(np.mean(nll[good]), rel=1e-4)
+    assert m["kl"] == 0.0
+
+
 @pytest.mark.parametrize("override,match", [
     ("kto.beta=0", "kto.beta must be > 0"),
+    ("kto.nll_alpha=-1", "kto.nll_alpha must be >= 0"),
     ("kto.undesirable_weight=-1", "must be >= 0 and not both 0"),
     ("kto.reference=adapters_off", "kto.reference=adapters_off needs LoRA"),
 ])

@@ -12,7 +12,9 @@ Sequence log-probs: chosen and rejected go through ONE forward pass (concatenate
 the batch, `[2B, T]`); each response's log-prob is the sum over its tokens of the chunked
 label log-probs (`jaxalign.algos.logprobs.token_logprobs`: `[B, T, V]` f32 logits never
 exist at once), length-averaged for `ipo` / `simpo` / `orpo` as TRL does
-(`ja.losses.LENGTH_NORMALIZED_LOSS_TYPES`).
+(`ja.losses.LENGTH_NORMALIZED_LOSS_TYPES`). Pair batches carry each side's scored positions
+(`score_at` `[B, K]`, K ~ the longest response, not T), so the LM head and log-softmax run
+on the response tokens only (`token_logprobs_at`), as TRL's fused LM head does.
 
 Reference log-probs (`cfg.dpo.reference`):
   adapters_off  LoRA on: the same params with adapters switched off (`lora.disable`);
@@ -41,9 +43,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.algos.logprobs import shifted_targets_mask, token_logprobs
+from jaxalign.algos.logprobs import shifted_targets_mask, token_logprobs, token_logprobs_at
 from jaxalign.algos.pairs import (SIDES, check_batch_size, concat_sides, length_bias, load_preference_examples,
                                    masked_sums, pair_iterator, pair_runner, per_pair_outputs)
+from jaxalign.data.batching import SCORE_AT
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.peft import lora
 
@@ -58,10 +61,16 @@ def sequence_logps(params, config, batch: dict, chunk_size: int | None = None):
     """Summed response log-probs and response lengths of a batch of sequences.
 
     batch: `input_ids`, `positions`, `segment_ids`, `loss_mask` `[N, T]` (loss_mask marks
-    the response tokens). Returns `(logps [N] f32, lengths [N] f32)`.
+    the response tokens), optionally `score_at` `[N, K]` (the batch builders' prediction
+    positions of those tokens, -1 = none): then the LM head runs on those K positions only.
+    Returns `(logps [N] f32, lengths [N] f32)`.
     """
-    logp, _, _ = token_logprobs(params, config, batch, chunk_size=chunk_size)
-    m = shifted_targets_mask(batch["loss_mask"], batch["segment_ids"])
+    if SCORE_AT in batch:
+        logp, _, _ = token_logprobs_at(params, config, batch, batch[SCORE_AT], chunk_size=chunk_size)
+        m = batch[SCORE_AT] >= 0
+    else:
+        logp, _, _ = token_logprobs(params, config, batch, chunk_size=chunk_size)
+        m = shifted_targets_mask(batch["loss_mask"], batch["segment_ids"])
     return jnp.sum(jnp.where(m, logp, 0.0), axis=1), jnp.sum(m, axis=1).astype(jnp.float32)
 
 

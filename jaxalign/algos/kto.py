@@ -7,9 +7,10 @@ preference rows, each split into a desirable (chosen) and an undesirable (reject
 Batches (`KTOBatches`): each local batch of B examples gives `completion_*` `[B, T]` (prompt i
 + its completion; loss_mask marks the completion) and `kl_*` `[B, T]` (prompt i + the
 completion of example i-1, cyclically: TRL's mismatched pairs, cut to the largest bucket),
-padded to one T with the preference-pair layout (`pad_pairs`), plus `label` float32 `[B]`
-(1 = desirable). The policy scores the completions with gradients and the KL pairs without
-(TRL: no_grad); the reference scores both in one forward pass.
+padded to one T with the preference-pair layout (`pad_pairs`, scored positions `*_score_at`
+included), plus `label` float32 `[B]` (1 = desirable). The policy scores the completions with
+gradients and the KL pairs without (TRL: no_grad); the reference scores both in one forward
+pass.
 
 Reference: as DPO's (`dpo.live_reference`, `dpo.split_reference`): adapters_off under LoRA
 (the same arrays, adapters switched off), else a frozen copy of the initial weights. The
@@ -32,8 +33,8 @@ import numpy as np
 
 from jaxalign.algos.dpo import live_reference, pair_logps, reference_hooks, sequence_logps, split_reference
 from jaxalign.algos.preference_losses import kto, kto_reference_point
-from jaxalign.algos.pairs import SIDES, PairBatches, check_batch_size, masked_sums, pair_iterator
-from jaxalign.data.batching import BATCH_KEYS, bucket_for, pad_pairs
+from jaxalign.algos.pairs import SIDES, PairBatches, check_batch_size, masked_sums, pair_iterator, side_arrays
+from jaxalign.data.batching import BATCH_KEYS, SCORE_AT, bucket_for, pad_pairs, pairs_score_width
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.peft import lora
 
@@ -60,11 +61,12 @@ class KTOBatches(PairBatches):
     def _materialize(self, batch):
         n = self.local_batch_size
         slices = [self._kl_pairs(batch[i: i + n]) for i in range(0, len(batch), n)]
-        longest = max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))
-                      for s in slices for p in s if p is not None)
-        padded = pad_pairs(slices[self.process_index], bucket_for(longest, self.buckets), self.pad_id)
+        every = [p for s in slices for p in s if p is not None]
+        length = bucket_for(max(len(p["prompt_ids"]) + max(len(p["chosen_ids"]), len(p["rejected_ids"]))
+                                for p in every), self.buckets)
+        padded = pad_pairs(slices[self.process_index], length, self.pad_id, pairs_score_width(every, length))
         out = {f"{side}_{k}": padded[f"{pair_side}_{k}"] for side, pair_side in zip(KTO_SIDES, SIDES)
-               for k in BATCH_KEYS}
+               for k in (*BATCH_KEYS, SCORE_AT)}
         local = batch[self.process_index * n: (self.process_index + 1) * n]
         out["label"] = np.array([float(self.examples[r[0]]["label"]) if r else 0.0 for r in local], np.float32)
         self.seen_shapes.add(out["completion_input_ids"].shape)
@@ -72,23 +74,32 @@ class KTOBatches(PairBatches):
 
 
 def kto_outputs(params, config, batch: dict, *, reference: str, k, chunk_size: int | None = None) -> dict:
-    """Per-example KTO quantities `[B]` of a KTO batch: `loss` (weighted), `rewards` (β·(π - ref)),
-    `logps` (π, summed over the completion), `valid` (non-padding rows), and `kl` (z0, scalar).
+    """Per-example KTO quantities `[B]` of a KTO batch: `loss` (weighted, + `k.nll_alpha` x the
+    NLL of desirable examples), `rewards` (β·(π - ref)), `logps` (π, summed over the
+    completion), `nll` (-π per completion token), `valid` (non-padding rows), and `kl` (z0, scalar).
 
     params: the model params (adapters_off) or `{"policy", "reference"}` (frozen_copy); k: the
     `KTOSection`.
     """
     policy, ref_params = split_reference(params, reference)
-    completions = {key: batch[f"completion_{key}"] for key in BATCH_KEYS}
-    kl_pairs = {key: batch[f"kl_{key}"] for key in BATCH_KEYS}
+    completions = side_arrays(batch, "completion")
     logps, lengths = sequence_logps(policy, config, completions, chunk_size)
-    kl_logps, _ = sequence_logps(jax.lax.stop_gradient(policy), config, kl_pairs, chunk_size)
-    ref_logps, ref_kl_logps, _, _ = pair_logps(ref_params, config, batch, chunk_size, KTO_SIDES)
     valid = lengths > 0
-    z0 = kto_reference_point(kl_logps, ref_kl_logps, valid)
-    losses, rewards = kto(logps, jax.lax.stop_gradient(ref_logps), batch["label"] > 0.5, z0, beta=k.beta,
-                          desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight)
-    return {"loss": losses, "rewards": rewards, "logps": logps, "valid": valid, "kl": z0}
+    if k.loss_type == "apo_zero_unpaired":  # no reference point: the KL pairs are not scored
+        ref_logps, _ = sequence_logps(jax.lax.stop_gradient(ref_params), config, completions, chunk_size)
+        z0 = jnp.zeros((), jnp.float32)
+    else:
+        kl_logps, _ = sequence_logps(jax.lax.stop_gradient(policy), config, side_arrays(batch, "kl"), chunk_size)
+        ref_logps, ref_kl_logps, _, _ = pair_logps(ref_params, config, batch, chunk_size, KTO_SIDES)
+        z0 = kto_reference_point(kl_logps, ref_kl_logps, valid)
+    good = batch["label"] > 0.5
+    losses, rewards = kto(logps, jax.lax.stop_gradient(ref_logps), good, z0, beta=k.beta,
+                          desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight,
+                          loss_type=k.loss_type)
+    nll = -logps / jnp.maximum(lengths, 1.0)
+    if k.nll_alpha:
+        losses = losses + k.nll_alpha * jnp.where(good, nll, 0.0)
+    return {"loss": losses, "rewards": rewards, "logps": logps, "valid": valid, "kl": z0, "nll": nll}
 
 
 def kto_sums(params, config, batch: dict, *, reference: str, k, chunk_size: int | None = None) -> dict:
@@ -97,7 +108,8 @@ def kto_sums(params, config, batch: dict, *, reference: str, k, chunk_size: int 
     good = batch["label"] > 0.5
     rewards, logps = jax.lax.stop_gradient(o["rewards"]), jax.lax.stop_gradient(o["logps"])
     sums = masked_sums({"loss": o["loss"]}, o["valid"])
-    sums.update(masked_sums({"rewards/chosen": rewards, "logps/chosen": logps}, o["valid"] & good))
+    sums.update(masked_sums({"rewards/chosen": rewards, "logps/chosen": logps,
+                             "nll_loss": jax.lax.stop_gradient(o["nll"])}, o["valid"] & good))
     sums.update(masked_sums({"rewards/rejected": rewards, "logps/rejected": logps}, o["valid"] & ~good))
     (rc, nc), (rr, nr) = sums["rewards/chosen"], sums["rewards/rejected"]
     both = (nc > 0) & (nr > 0)
@@ -135,10 +147,12 @@ def check_kto_config(cfg) -> None:
     k = cfg.kto
     if k.beta <= 0:
         raise ConfigError(f"kto.beta must be > 0, got {k.beta}")
+    if k.nll_alpha < 0:
+        raise ConfigError(f"kto.nll_alpha must be >= 0, got {k.nll_alpha}")
     if min(k.desirable_weight, k.undesirable_weight) < 0 or not (k.desirable_weight or k.undesirable_weight):
         raise ConfigError(f"kto.desirable_weight={k.desirable_weight} and kto.undesirable_weight="
                           f"{k.undesirable_weight} must be >= 0 and not both 0")
-    if cfg.train.batch_size // jax.process_count() < 2:
+    if k.loss_type == "kto" and cfg.train.batch_size // jax.process_count() < 2:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} gives fewer than 2 examples per process: KTO's "
                           "reference point pairs each prompt with another example's completion; use at least 2")
 
@@ -177,7 +191,7 @@ def build(cfg, model, tokenizer):
         "train data": {**stats.as_dict(), "desirable": n_good, "undesirable": n_bad,
                        "left_out_per_epoch": train_batches.left_out_per_epoch},
         "batch shapes (local examples, T)": train_batches.shapes,
-        "kto": f"beta={k.beta} desirable_weight={k.desirable_weight} undesirable_weight={k.undesirable_weight} "
+        "kto": f"loss_type={k.loss_type} beta={k.beta} nll_alpha={k.nll_alpha} desirable_weight={k.desirable_weight} undesirable_weight={k.undesirable_weight} "
                f"reference={reference}",
         "reference memory": memory,
     }

@@ -6,7 +6,9 @@ are formed in one piece and kept for the backward pass, which then costs two LM-
 matmuls. Larger ones are formed chunk by chunk over the sequence from the final hidden
 states, reduced to per-token statistics in f32 and rematerialized in the backward pass,
 so `[B, T, V]` f32 logits never exist at once (vocabularies are 128k-152k); that trades
-a third LM-head matmul for the memory.
+a third LM-head matmul for the memory. Objectives that score a few positions of each row
+(a response after its prompt) gather those positions' hidden states first
+(`token_logprobs_at`), so the LM head never sees the rest.
 """
 
 from __future__ import annotations
@@ -81,8 +83,29 @@ def token_logprobs(params, config: ModelConfig, batch: dict, *, chunk_size: int 
     Use `shifted_targets_mask(loss_mask)` to pick the scored entries.
     """
     h = hidden_states(params, config, batch["input_ids"], batch["positions"], batch["segment_ids"])
-    labels = jnp.concatenate([batch["input_ids"][:, 1:], jnp.zeros_like(batch["input_ids"][:, :1])], axis=1)
+    return label_logprobs(params, config, h, _next_tokens(batch["input_ids"]), chunk_size=chunk_size,
+                          temperature=temperature)
+
+
+def token_logprobs_at(params, config: ModelConfig, batch: dict, score_at, *, chunk_size: int | None = None,
+                      temperature: float = 1.0):
+    """`token_logprobs` at the prediction positions `score_at` only: the LM head and softmax
+    run on `K` positions instead of `T` (a response's tokens, not the prompt's and padding's).
+
+    batch as `token_logprobs`; score_at [B, K] int: prediction positions t (scoring token t+1),
+    -1 = none (e.g. `jaxalign.data.batching.score_positions`). Returns (logp, entropy,
+    correct) [B, K]; entries at -1 are meaningless: mask them with `score_at >= 0`.
+    """
+    h = hidden_states(params, config, batch["input_ids"], batch["positions"], batch["segment_ids"])
+    at = jnp.maximum(score_at, 0)
+    h = jnp.take_along_axis(h, at[..., None], axis=1)
+    labels = jnp.take_along_axis(_next_tokens(batch["input_ids"]), at, axis=1)
     return label_logprobs(params, config, h, labels, chunk_size=chunk_size, temperature=temperature)
+
+
+def _next_tokens(input_ids):
+    """[B, T] labels: entry t is token t+1 (the last is 0)."""
+    return jnp.concatenate([input_ids[:, 1:], jnp.zeros_like(input_ids[:, :1])], axis=1)
 
 
 def shifted_targets_mask(loss_mask, segment_ids):

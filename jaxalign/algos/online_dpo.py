@@ -43,6 +43,7 @@ from jaxalign.algos.rl_loop import RolloutBatches, UpdateSchedule, rollout_promp
 from jaxalign.algos.rollout import (Prompts, RewardFunctions, RolloutSettings, decode_responses, experience_forward,
                                     process_sum, prompt_batch, sample, score, to_global, to_local)
 from jaxalign.config import PPOSection, builtin_path
+from jaxalign.data.batching import SCORE_AT, score_positions
 from jaxalign.errors import ConfigError, DataError
 from jaxalign.models.config import ModelConfig
 from jaxalign.peft import lora
@@ -55,7 +56,8 @@ log = logging.getLogger(__name__)
 UNUSED_PPO_KEYS = ("value_model", "group_size", "num_minibatches", "ppo_epochs", "kl_coef", "kl_estimator",
                    "adaptive_kl", "target_kl", "kl_horizon", "beta", "cliprange", "epsilon_high", "loss_type",
                    "cliprange_value", "vf_coef", "gamma", "lam", "whiten_scores", "whiten_rewards",
-                   "whiten_advantages", "scale_rewards", "drop_uniform_groups", "eval_reward_fn")
+                   "whiten_advantages", "scale_rewards", "drop_uniform_groups", "eval_reward_fn", "kl_in",
+                   "overlong_cache", "overlong_penalty_factor")
 
 # metrics.jsonl names of the per-sample statistics (TRL's OnlineDPOTrainer names where it has them).
 METRICS = {"scores": "objective/scores", "scores_margin": "objective/scores_margin",
@@ -99,8 +101,10 @@ def pairs_from_scores(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.nd
 def pair_rows(batch: dict[str, np.ndarray], chosen: np.ndarray, rejected: np.ndarray, kept: np.ndarray,
               prompt_length: int) -> dict[str, np.ndarray]:
     """DPO's `chosen_*` / `rejected_*` arrays `[b, P + N]` (input_ids, attention_mask,
-    loss_mask = the response tokens, positions, segment_ids) of a `rollout.sample` batch's
-    rows; a pair that is not `kept` gets an all-zero loss mask (no loss, not counted)."""
+    loss_mask = the response tokens, positions, segment_ids) and `*_score_at` `[b, N]` (the
+    prediction positions of the response tokens, `score_positions`; N is fixed, so every step
+    has one shape) of a `rollout.sample` batch's rows; a pair that is not `kept` gets an
+    all-zero loss mask (no loss, not counted)."""
     mask = batch["attention_mask"]
     loss = np.zeros_like(mask)
     loss[:, prompt_length:] = batch["response_mask"]
@@ -111,6 +115,8 @@ def pair_rows(batch: dict[str, np.ndarray], chosen: np.ndarray, rejected: np.nda
         for key, v in per_row.items():
             out[f"{side}_{key}"] = v[idx]
         out[f"{side}_loss_mask"] = out[f"{side}_loss_mask"] * kept[:, None].astype(np.int32)
+        out[f"{side}_{SCORE_AT}"] = score_positions(out[f"{side}_loss_mask"], out[f"{side}_segment_ids"],
+                                                    batch["response_mask"].shape[1])
     return out
 
 

@@ -1,8 +1,8 @@
 """What every pairwise objective (reward model, DPO family, KTO, online DPO) shares: loading
 and checking preference data (`load_preference_examples`), the pair batch iterator
-(`PairBatches`), chosen and rejected through one forward pass (`concat_sides`), running a
-jitted per-pair function over a dataset (`pair_runner`, `per_pair_outputs`), masked metric
-sums and the length-bias metrics."""
+(`PairBatches`), one side's arrays (`side_arrays`), chosen and rejected through one forward
+pass (`concat_sides`), running a jitted per-pair function over a dataset (`pair_runner`,
+`per_pair_outputs`), masked metric sums and the length-bias metrics."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.data.batching import BatchIterator
+from jaxalign.data.batching import BATCH_KEYS, SCORE_AT, BatchIterator
 from jaxalign.errors import DataError
 from jaxalign.train import objective
 
@@ -85,11 +85,18 @@ def pair_iterator(cfg, pairs, tokenizer, *, train: bool, extra_keys=(), iterator
     return iterator(pairs, shuffle=False, drop_last=False, num_epochs=1, **common)
 
 
+def side_arrays(batch: dict, side: str) -> dict:
+    """One side's sequence arrays of a pair batch: `{side}_*` `BATCH_KEYS` `[B, T]` and, when the
+    batch has them, the scored positions `{side}_score_at` `[B, K]`, without the prefix."""
+    keys = BATCH_KEYS + ((SCORE_AT,) if f"{side}_{SCORE_AT}" in batch else ())
+    return {k: batch[f"{side}_{k}"] for k in keys}
+
+
 def concat_sides(batch: dict, sides: tuple[str, str] = SIDES) -> dict:
-    """`chosen_*` and `rejected_*` (or other `sides`) `[B, T]` arrays -> one `[2B, T]` batch
-    (the first side's rows first)."""
-    keys = ("input_ids", "attention_mask", "loss_mask", "positions", "segment_ids")
-    return {k: jnp.concatenate([batch[f"{sides[0]}_{k}"], batch[f"{sides[1]}_{k}"]], axis=0) for k in keys}
+    """`chosen_*` and `rejected_*` (or other `sides`) arrays (`side_arrays`) -> one batch of
+    `2B` rows (the first side's rows first)."""
+    first, second = (side_arrays(batch, s) for s in sides)
+    return {k: jnp.concatenate([first[k], second[k]], axis=0) for k in first}
 
 
 def pair_runner(fn: Callable, mesh) -> Callable:

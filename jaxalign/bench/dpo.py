@@ -15,6 +15,7 @@ import numpy as np
 
 from jaxalign.bench.common import (chip_peak_tflops, in_fresh_process, make_bench_checkpoint, peak_memory_bytes,
                                    step_timer, timed_with_faults, train_flops_per_token)
+from jaxalign.data.batching import score_positions
 
 
 def _pairs(vocab_size: int, batch: int, prompt_len: int, response_len: int) -> dict[str, np.ndarray]:
@@ -30,8 +31,10 @@ def _side_batch(prompt: np.ndarray, response: np.ndarray, side: str) -> dict[str
     b, t = ids.shape
     loss = np.zeros_like(ids)
     loss[:, prompt.shape[1]:] = 1
-    return {f"{side}_input_ids": ids, f"{side}_attention_mask": np.ones_like(ids), f"{side}_loss_mask": loss,
-            f"{side}_positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), f"{side}_segment_ids": np.ones_like(ids)}
+    ones = np.ones_like(ids)
+    return {f"{side}_input_ids": ids, f"{side}_attention_mask": ones, f"{side}_loss_mask": loss,
+            f"{side}_positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)), f"{side}_segment_ids": ones,
+            f"{side}_score_at": score_positions(loss, ones, response.shape[1])}
 
 
 def dpo_flops_per_pair(config, prompt_len: int, response_len: int) -> float:

@@ -13,7 +13,10 @@ A batch is a dict of numpy arrays, all ``[B, T]`` int32:
 Preference pairs (items with ``chosen_ids``) give ``chosen_*`` and ``rejected_*`` versions
 of the five arrays, padded to one common ``T`` (one forward pass over both), where the
 sequence is prompt + response and ``loss_mask`` covers the response; plus ``margin``
-float32 ``[B]``.
+float32 ``[B]`` and, per side, ``score_at`` int32 ``[B, K]`` (:func:`score_positions`): the
+prediction positions ``t`` whose output is scored (token ``t + 1`` is a target), left-aligned,
+``-1`` = none, so a loss can run the LM head on those ``K`` positions only. ``K`` is the same
+for both sides and follows the whole global batch (:func:`pairs_score_width`).
 
 Right padding everywhere; ``T`` is one of a few bucket lengths (padding) or ``seq_len``
 (packing), so the number of compiled shapes stays bounded (:attr:`BatchIterator.shapes`).
@@ -29,6 +32,7 @@ import numpy as np
 from jaxalign.errors import DataError
 
 BATCH_KEYS = ("input_ids", "attention_mask", "loss_mask", "positions", "segment_ids")
+SCORE_AT = "score_at"
 
 
 def default_buckets(max_length: int, min_length: int = 16) -> list[int]:
@@ -108,12 +112,46 @@ def pair_sequences(pair: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict
     return out[0], out[1]
 
 
-def pad_pairs(pairs: Sequence[Mapping[str, Any] | None], length: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Preference pairs as ``chosen_*``/``rejected_*`` ``[B, length]`` arrays + ``margin`` ``[B]``."""
+def score_width(count: int, length: int) -> int:
+    """``K`` for a batch of length ``T`` whose rows score at most ``count`` positions: rounded up
+    to a multiple of ``max(16, T // 8)`` and at most ``T``: each bucket length gives at most 8
+    widths (bounded recompiles), and fewer than ``max(16, T // 8)`` positions are padding."""
+    step = max(16, length // 8)
+    return min(-(-max(count, 1) // step) * step, length)
+
+
+def pairs_score_width(pairs: Sequence[Mapping[str, Any] | None], length: int) -> int:
+    """:func:`score_width` of preference pairs: a response of ``n`` tokens scores at most ``n``
+    positions. Give it the pairs of the whole global batch so every process gets the same ``K``."""
+    longest = max((max(len(p["chosen_ids"]), len(p["rejected_ids"])) for p in pairs if p is not None), default=0)
+    return score_width(longest, length)
+
+
+def score_positions(loss_mask: np.ndarray, segment_ids: np.ndarray, width: int) -> np.ndarray:
+    """``[N, width]`` int32: each row's prediction positions ``t`` (token ``t + 1`` is marked in
+    ``loss_mask`` and in the same segment as ``t``), in order, then ``-1``. The host-side twin
+    of ``jaxalign.algos.logprobs.shifted_targets_mask`` (same rule, as indices)."""
+    nxt = loss_mask[:, 1:].astype(bool) & (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] > 0)
+    out = np.full((len(nxt), width), -1, np.int32)
+    for r, row in enumerate(nxt):
+        t = np.flatnonzero(row)
+        if len(t) > width:
+            raise DataError(f"row {r} scores {len(t)} positions > width {width}")
+        out[r, : len(t)] = t
+    return out
+
+
+def pad_pairs(pairs: Sequence[Mapping[str, Any] | None], length: int, pad_id: int,
+              width: int | None = None) -> dict[str, np.ndarray]:
+    """Preference pairs as ``chosen_*``/``rejected_*`` ``[B, length]`` arrays, ``*_score_at``
+    ``[B, width]`` (default: :func:`pairs_score_width` of these pairs) + ``margin`` ``[B]``."""
+    width = pairs_score_width(pairs, length) if width is None else width
     seqs = [pair_sequences(p) if p is not None else (None, None) for p in pairs]
     out = {}
     for i, name in enumerate(("chosen", "rejected")):
-        for k, v in pad_batch([s[i] for s in seqs], length, pad_id).items():
+        padded = pad_batch([s[i] for s in seqs], length, pad_id)
+        padded[SCORE_AT] = score_positions(padded["loss_mask"], padded["segment_ids"], width)
+        for k, v in padded.items():
             out[f"{name}_{k}"] = v
     out["margin"] = np.array([0.0 if p is None else float(p.get("margin", 0.0)) for p in pairs], np.float32)
     return out
@@ -297,11 +335,16 @@ class BatchIterator:
         if self.packing:
             out = pack_batch([[self.examples[i] for i in row] for row in local], self.seq_len, self.pad_id)
         else:
-            # The bucket follows the whole *global* batch so every process gets the same T.
+            # The bucket (and pairs' score width) follows the whole *global* batch so every process
+            # gets the same shapes.
             longest = max((int(self.lengths[row[0]]) for row in batch if row), default=1)
             length = bucket_for(longest, self.buckets)
             items = [self.examples[row[0]] if row else None for row in local]
-            out = pad_pairs(items, length, self.pad_id) if self.pairs else pad_batch(items, length, self.pad_id)
+            if self.pairs:
+                width = pairs_score_width([self.examples[row[0]] for row in batch if row], length)
+                out = pad_pairs(items, length, self.pad_id, width)
+            else:
+                out = pad_batch(items, length, self.pad_id)
         self.seen_shapes.add(next(iter(out.values())).shape)
         return out
 
