@@ -21,7 +21,8 @@ Phases: `prefill` runs the prompt through the decoder writing the cache and samp
 first token; `decode` is a `lax.while_loop` of one token per step that stops when every
 row has emitted a stop token or `max_new_tokens` are out. The decode state (cache included)
 is donated from call to call. Step `t` samples with `fold_in(rng, t)`, so streaming in
-chunks (the CLI) and one-shot generation give identical tokens.
+chunks (the CLI) and one-shot generation give identical tokens. On CPU the decode reads
+per-layer weights and caches, unrolled over the layers (`jaxalign.models.llama.decode_per_layer`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxalign.errors import CheckpointError, ConfigError, ShardingError
 from jaxalign.models.config import ModelConfig
-from jaxalign.models.llama import KVCache, hidden_states_cached, init_cache, unembed
+from jaxalign.models.llama import (KVCache, decode_per_layer, hidden_states_cached, init_cache, split_layers,
+                                   split_layers_shared, unembed)
 from jaxalign.models.model import Model, _TreeKey, positions_from_mask
 from jaxalign.parallel.rules import batch_sharding, batch_size_multiple
 
@@ -170,7 +172,10 @@ def decode_logits(params, config: ModelConfig, token, position, cache: KVCache):
 
 def decode(params, config: ModelConfig, state: DecodeState, stop_at, s: SamplingSettings) -> DecodeState:
     """Sample until every row stopped, `max_new_tokens` are out, or `step == stop_at` (int32
-    scalar, traced: the host can run the loop in chunks without recompiling)."""
+    scalar, traced: the host can run the loop in chunks without recompiling).
+
+    params: as stored, or (a per-layer cache) `split_layers(params)`, which `generate` passes so
+    that the layer weights are split once per call rather than once per `decode` call."""
     n = s.max_new_tokens
     limit = jnp.minimum(stop_at, n)
 
@@ -214,28 +219,50 @@ def _state_shardings(config: ModelConfig, mesh: Mesh):
     def ns(*spec):
         return NamedSharding(mesh, PartitionSpec(*spec))
 
-    cache = KVCache(k=ns(None, batch, None, heads, None), v=ns(None, batch, None, heads, None),
-                    valid=ns(batch, None), positions=ns(batch, None), length=ns())
+    if decode_per_layer():
+        k = v = (ns(batch, heads, None, None),) * config.num_hidden_layers
+    else:
+        k = v = ns(None, batch, None, heads, None)
+    cache = KVCache(k=k, v=v, valid=ns(batch, None), positions=ns(batch, None), length=ns())
     return DecodeState(cache=cache, tokens=ns(batch, None), logprobs=ns(batch, None), done=ns(batch),
                        lengths=ns(batch), next_pos=ns(batch), step=ns(), rng=ns())
 
 
+def _split_shardings(param_shardings, mesh: Mesh, n_layers: int):
+    """Shardings of `split_layers(params)` from those of `params`: a layer's slice keeps the
+    spec of the stacked leaf without its leading (layers) axis."""
+    one = jax.tree.map(lambda sh: NamedSharding(mesh, PartitionSpec(*tuple(sh.spec)[1:])),
+                       param_shardings["model"]["layers"])
+    return {**param_shardings, "model": {**param_shardings["model"], "layers": (one,) * n_layers}}
+
+
+def _unchanged(params):
+    return params
+
+
 @functools.lru_cache(maxsize=32)
 def _compiled(config: ModelConfig, s: SamplingSettings, mesh: Mesh | None, param_shardings: _TreeKey | None):
-    """(prefill_fn, decode_fn, output_fn) jitted for these settings; shapes are traced per call."""
+    """(split_fn, prefill_fn, decode_fn, output_fn) jitted for these settings; shapes are traced
+    per call. split_fn gives the params decode_fn takes: `split_layers` for a per-layer decode
+    (sharing memory on one device, copied into their shards on a mesh), else themselves."""
     pre = functools.partial(prefill, config=config, s=s)
     dec = functools.partial(decode, config=config, s=s)
+    per_layer = decode_per_layer()
     if mesh is None:
-        return (jax.jit(lambda p, i, m, r: pre(p, input_ids=i, attention_mask=m, rng=r)),
+        return (split_layers_shared if per_layer else _unchanged,
+                jax.jit(lambda p, i, m, r: pre(p, input_ids=i, attention_mask=m, rng=r)),
                 jax.jit(lambda p, st, stop: dec(p, state=st, stop_at=stop), donate_argnums=1),
                 jax.jit(_output))
     state = _state_shardings(config, mesh)
     data, rep = batch_sharding(mesh, 2), NamedSharding(mesh, PartitionSpec())
     out = GenerationOutput(tokens=data, logprobs=data, mask=data, lengths=batch_sharding(mesh, 1))
-    return (jax.jit(lambda p, i, m, r: pre(p, input_ids=i, attention_mask=m, rng=r),
-                    in_shardings=(param_shardings.tree, data, data, rep), out_shardings=state),
+    params = param_shardings.tree
+    dec_params = _split_shardings(params, mesh, config.num_hidden_layers) if per_layer else params
+    return (jax.jit(split_layers, in_shardings=(params,), out_shardings=dec_params) if per_layer else _unchanged,
+            jax.jit(lambda p, i, m, r: pre(p, input_ids=i, attention_mask=m, rng=r),
+                    in_shardings=(params, data, data, rep), out_shardings=state),
             jax.jit(lambda p, st, stop: dec(p, state=st, stop_at=stop), donate_argnums=1,
-                    in_shardings=(param_shardings.tree, state, rep), out_shardings=state),
+                    in_shardings=(dec_params, state, rep), out_shardings=state),
             jax.jit(_output, in_shardings=(state,), out_shardings=out))
 
 
@@ -306,8 +333,9 @@ def generate(model: Model | tuple[Any, ModelConfig], input_ids, attention_mask, 
         shardings = _TreeKey(jax.tree.map(lambda x: x.sharding, params))
     if isinstance(rng, (int, np.integer)):
         rng = jax.random.key(rng)
-    pre, dec, out = _compiled(config, s, mesh, shardings)
+    split, pre, dec, out = _compiled(config, s, mesh, shardings)
     state = pre(params, ids, mask, rng)
+    params = split(params)
     if on_tokens is None:
         state = dec(params, state, np.int32(max_new_tokens))
     else:

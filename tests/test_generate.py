@@ -12,7 +12,7 @@ import torch
 import jaxalign as ja
 from jaxalign.errors import ConfigError
 from jaxalign.sampling import add_arguments, decode_logits, generate, run
-from jaxalign.models.llama import hidden_states_cached, init_cache, unembed
+from jaxalign.models.llama import hidden_states_cached, init_cache, split_layers, split_layers_shared, unembed
 from jaxalign.models.model import positions_from_mask
 
 FAMILIES = {
@@ -70,9 +70,11 @@ def test_greedy_matches_transformers(hf_model, family):
     assert (np.asarray(out.logprobs)[gen_mask == 0] == 0).all()
 
 
+@pytest.mark.parametrize("per_layer", [True, False], ids=["per_layer_cache", "stacked_cache"])
 @pytest.mark.parametrize("family", ["mistral", "qwen3"])
-def test_decode_logits_equal_full_forward(hf_model, family):
-    """Prefill + one-token decode steps reproduce `Model.logits` at every real position."""
+def test_decode_logits_equal_full_forward(hf_model, family, per_layer):
+    """Prefill + one-token decode steps reproduce `Model.logits` at every real position, with
+    either cache form (per-layer: what CPU decodes with; stacked: accelerators)."""
     _, path = hf_model(family, **FAMILIES[family])
     model = ja.load_model(path, dtype="float32")
     params, config = model.params, model.config
@@ -86,19 +88,53 @@ def test_decode_logits_equal_full_forward(hf_model, family):
 
     @jax.jit
     def prefill(params, ids, mask):
-        cache = init_cache(config, 3, p + 5)
+        cache = init_cache(config, 3, p + 5, per_layer=per_layer)
         h, cache = hidden_states_cached(params, config, ids, mask.astype(bool), positions_from_mask(mask), cache,
                                         prefill=True)
         return unembed(params, h, config), cache
 
     step = jax.jit(lambda params, tok, pos, cache: decode_logits(params, config, tok, pos, cache))
     pre, cache = prefill(params, jnp.asarray(ids), jnp.asarray(mask))
+    assert cache.per_layer == per_layer
     real = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(pre)[real], ref[:, :p][real], atol=1e-5)
     pos = mask.sum(-1)
     for j in range(cont.shape[1]):
         logits, cache = step(params, jnp.asarray(cont[:, j]), jnp.asarray(pos + j), cache)
         np.testing.assert_allclose(np.asarray(logits), ref[:, p + j], atol=1e-5, err_msg=f"decode step {j}")
+
+
+def test_split_layers_shares_the_stacked_weights(hf_model):
+    """The per-layer split that the CPU decode reads equals slicing the stacked leaves, and on one
+    CPU device it is a view of them (no copy of the weights per generate call)."""
+    _, path = hf_model("llama")
+    params = ja.load_model(path, dtype="float32").params
+    shared, copied = split_layers_shared(params), split_layers(params)
+    stacked = params["model"]["layers"]
+    assert isinstance(shared["model"]["layers"], tuple) and len(shared["model"]["layers"]) == 2
+    assert jax.tree.structure(shared) == jax.tree.structure(copied)
+    for a, b in zip(jax.tree.leaves(shared), jax.tree.leaves(copied)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    q = stacked["self_attn"]["q_proj"]["kernel"]
+    view = shared["model"]["layers"][1]["self_attn"]["q_proj"]["kernel"]
+    assert view.unsafe_buffer_pointer() == q.unsafe_buffer_pointer() + q[0].nbytes
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_layer_cache_attention_equals_dot_product_attention(dtype):
+    """The per-layer decode's attention over one layer's cache (keys [B, Hkv, hd, S], values
+    [B, Hkv, S, hd]) is the XLA kernel's over the same keys/values laid out [B, S, Hkv, hd]:
+    GQA (6 query heads on 2), 3 new tokens, scattered masked slots."""
+    from jaxalign.nn.attention import dot_product_attention, layer_cache_attention
+
+    rs = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(rs.randn(*shape), dtype) for shape in [(2, 3, 6, 8), (2, 2, 10, 8), (2, 2, 10, 8)])
+    mask = jnp.asarray(rs.rand(2, 1, 3, 10) < 0.7).at[..., 0].set(True)
+    ours = layer_cache_attention(q, jnp.swapaxes(k, 2, 3), v, mask)
+    ref = dot_product_attention(q, jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2), mask)
+    assert ours.shape == ref.shape == (2, 3, 6, 8) and ours.dtype == ref.dtype
+    np.testing.assert_allclose(np.asarray(ours, np.float32), np.asarray(ref, np.float32),
+                               atol=1e-6 if dtype == "float32" else 2e-2)
 
 
 def full_logits(model, ids, mask, out):

@@ -13,7 +13,8 @@
 - `auto`: cudnn on NVIDIA GPUs when the compute dtype and head_dim allow it, splash on
   TPU, xla otherwise.
 
-Decoding one token against a KV cache always uses xla (`dot_product_attention`).
+Decoding against a KV cache always uses XLA: `dot_product_attention` over stacked caches, or
+`layer_cache_attention` over one layer's cache (the per-layer decode on CPU).
 """
 
 from __future__ import annotations
@@ -226,3 +227,38 @@ def write_kv_cache(cache_k, cache_v, k, v, layer, start):
     k_layer = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
     v_layer = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
     return cache_k, cache_v, k_layer, v_layer
+
+
+def write_layer_cache(cache, new, start, keys: bool):
+    """Write new keys or values [B, T, Hkv, hd] into one layer's cache at slots start..start+T:
+    keys into [B, Hkv, hd, S] (slots last), values into [B, Hkv, S, hd] (the layouts
+    `layer_cache_attention` reads). In place under jit when the cache is donated or loop-carried."""
+    zero, start = jnp.zeros((), jnp.int32), jnp.asarray(start, jnp.int32)
+    if keys:
+        return jax.lax.dynamic_update_slice(cache, jnp.transpose(new, (0, 2, 3, 1)).astype(cache.dtype),
+                                            (zero, zero, zero, start))
+    return jax.lax.dynamic_update_slice(cache, jnp.swapaxes(new, 1, 2).astype(cache.dtype), (zero, zero, start, zero))
+
+
+def layer_cache_attention(q, k, v, mask):
+    """Attention of queries q [B, T, Hq, hd] over one layer's cache, keys k [B, Hkv, hd, S] and
+    values v [B, Hkv, S, hd], with bool mask [B, 1, T, S] -> [B, T, Hq, hd].
+
+    The arithmetic of `dot_product_attention` (f32 logits scaled by hd^-0.5, masked slots set to
+    the same large negative number, f32 softmax, probabilities cast to v's dtype), with q head h
+    reading kv head h // (Hq / Hkv). Laid out so that both products are plain row-major matmuls
+    per (row, kv head) that XLA:CPU runs on the cache where it lies: with [B, S, Hkv, hd] caches
+    and `dot_product_attention`'s einsums it copied each layer's keys and values into a
+    transposed layout on every decode step.
+    """
+    b, t, hq, hd = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    rows = jnp.swapaxes(q.reshape(b, t, hkv, g, hd), 1, 2).reshape(b, hkv, t * g, hd)  # row = (token, group)
+    logits = jnp.einsum("bkrd,bkds->bkrs", rows, k, preferred_element_type=jnp.float32)
+    logits = logits * jnp.asarray(hd ** -0.5, jnp.float32)
+    mask = jnp.broadcast_to(mask[:, :, :, None], (b, 1, t, g, mask.shape[-1])).reshape(b, 1, t * g, -1)
+    logits = jnp.where(mask, logits, jnp.asarray(-0.7 * jnp.finfo(jnp.float32).max, jnp.float32))
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkrs,bksd->bkrd", probs, v)  # [B, Hkv, T * G, hd]
+    return jnp.swapaxes(out.reshape(b, hkv, t, g, hd), 1, 2).reshape(b, t, hq, hd)
