@@ -14,7 +14,7 @@ from jaxalign import rl
 from jaxalign.algos import ppo
 from jaxalign.algos.rl_loop import (AdvantageSettings, UpdateSchedule, advantages, kl_placement,
                                     minibatch_indices, rollout_prompts)
-from jaxalign.algos.rollout import RewardModel, load_prompts, overlong_penalty
+from jaxalign.algos.rollout import RewardModel, load_prompts, overlong_penalty, response_logprobs
 from jaxalign.config import load_config
 from jaxalign.errors import ConfigError
 from jaxalign.parallel.mesh import MeshConfig, make_mesh
@@ -541,3 +541,42 @@ def test_bad_kl_in_and_overlong_settings_fail_at_build(files, tiny, extra, messa
 def test_bad_kl_in_value_fails_at_load(files):
     with pytest.raises(ConfigError, match="ppo.kl_in='both' is not valid; choose one of: auto, reward, loss"):
         _config(files, "ppo", "unused", ["ppo.kl_in=both"])
+
+
+def test_one_update_per_rollout_skips_the_old_logprob_forward(files, tiny):
+    """GRPO with one update per rollout and the KL in the loss: no policy forward in the
+    experience (the rows' old log-probs are the sampler's; no entropy / sampler_logprob_error
+    statistics), and the loss, with the update's own log-probs as the old ones, equals the
+    loss on recomputed old log-probs (ratio 1), gradients included. PPO (KL in the reward)
+    still recomputes them."""
+    one = ["ppo.num_minibatches=1", "ppo.ppo_epochs=1"]
+    cfg = _config(files, "grpo", "unused", one + ["ppo.beta=0.04"])
+    rows, stats, batch, sums, (objective, params) = _first_step(cfg, tiny)
+    assert "entropy" not in stats and "sampler_logprob_error" not in stats and "kl" in stats
+    policy = params["policy"]
+    model = tiny[0]
+    p = cfg.ppo
+    recomputed, _ = jax.jit(lambda pp: response_logprobs(pp, model.config, batch["input_ids"], batch["attention_mask"],
+                                                         p.max_prompt_length, temperature=p.temperature))(policy)
+    np.testing.assert_allclose(batch["old_logprobs"], np.asarray(recomputed) * batch["response_mask"], atol=1e-4)
+    settings = ppo.LossSettings(algorithm="grpo", prompt_length=p.max_prompt_length, temperature=p.temperature,
+                                beta=0.04, loss_type=ppo.loss_type("grpo", p.loss_type),
+                                stats=objective.train_batches.stat_names)
+    exact = {**batch, "old_logprobs": np.asarray(recomputed)}
+
+    def loss(pp, b, s):
+        out = ppo.rl_sums(pp, b, s, model.config, None)
+        return out["loss"][0] / out["loss"][1], out
+
+    (got, got_sums), got_grad = jax.jit(jax.value_and_grad(
+        lambda pp: loss(pp, batch, dataclasses.replace(settings, old_is_current=True)), has_aux=True))(params)
+    (want, want_sums), want_grad = jax.jit(jax.value_and_grad(
+        lambda pp: loss(pp, exact, settings), has_aux=True))(params)
+    assert float(sums["loss"][0]) == pytest.approx(float(got_sums["loss"][0]), rel=1e-6)  # the objective's loss
+    assert float(got_sums["val/ratio"][0] / got_sums["val/ratio"][1]) == 1.0
+    assert float(got) == pytest.approx(float(want), rel=1e-5, abs=1e-7)
+    for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-3, atol=1e-6)
+
+    _, ppo_stats, _, _, _ = _first_step(_config(files, "ppo", "unused", one), tiny)
+    assert ppo_stats["sampler_logprob_error"] < 1e-4 and "entropy" in ppo_stats

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxalign.algos.advantages import (AdaptiveKLController, FixedKLController, aggregate, kl_penalty,
                                        ppo_policy_loss, ppo_value_loss, sequence_policy_loss)
 from jaxalign.algos.rl_loop import (AdvantageSettings, ExperienceSettings, Models, RolloutBatches, UpdateSchedule,
-                                    collect, evaluate, kl_placement)
+                                    collect, evaluate, kl_placement, old_logprobs_are_current)
 from jaxalign.algos.rollout import (Prompts, RewardFunctions, RewardModel, RolloutSettings, load_prompts,
                                     load_reward_fn, response_logprobs, response_values, tree_bytes)
 from jaxalign.config import builtin_path
@@ -46,7 +46,7 @@ ALGORITHMS = ("ppo", "grpo", "rloo")
 
 
 def rollout_stat_names(algorithm: str, kl: bool, kl_in_reward: bool,
-                       reward_names: tuple[str, ...] = ()) -> tuple[str, ...]:
+                       reward_names: tuple[str, ...] = (), recomputed: bool = True) -> tuple[str, ...]:
     """Per-rollout statistics (the rollout's value on every row; means over all processes),
     logged under `rollout_metric(name)`: score (before the missing-EOS and overlong penalties),
     reward (after), kl (sum over the response of the per-token KL estimate, mean over
@@ -54,9 +54,13 @@ def rollout_stat_names(algorithm: str, kl: bool, kl_in_reward: bool,
     (per token), response_length, eos_fraction, sampler_logprob_error (max |sampler -
     recomputed| log-prob, this process's), times, index; GRPO/RLOO frac_reward_zero_std
     (groups whose rewards are all equal) and reward_std (the groups' std, mean); `rewards/<name>`
-    per reward function (and `overlong_penalty`)."""
+    per reward function (and `overlong_penalty`). Without `recomputed` log-probs (see
+    `ExperienceSettings.recompute_logprobs`) no entropy or sampler_logprob_error: the update
+    logs the same entropy as `policy/entropy_avg`."""
     names = ["score", "reward", "entropy", "response_length", "eos_fraction", "sampler_logprob_error",
              "time_rollout_s", "time_train_s", "index"]
+    if not recomputed:
+        names = [name for name in names if name not in ("entropy", "sampler_logprob_error")]
     if kl:
         names.insert(2, "kl")
         if kl_in_reward:
@@ -99,7 +103,9 @@ def task_reward(prompts: list[str], completions: list[str]) -> list[float]:
 
 @dataclasses.dataclass(frozen=True)
 class LossSettings:
-    """Static settings of `rl_sums` (hashable)."""
+    """Static settings of `rl_sums` (hashable). `old_is_current`: the old log-probs are the
+    current ones with the gradient stopped (ratio 1), exact when each rollout is one update of
+    the params that sampled it, as TRL does then; the rows' old_logprobs are not read."""
 
     algorithm: str
     prompt_length: int
@@ -112,6 +118,7 @@ class LossSettings:
     loss_type: str = "bnpo"
     chunk_size: int | None = None
     stats: tuple[str, ...] = ()
+    old_is_current: bool = False
 
 
 def loss_type(algorithm: str, grpo_loss_type: str) -> str:
@@ -139,12 +146,12 @@ def rl_sums(params, batch: dict, s: LossSettings, config: ModelConfig, value_con
     logp, entropy = response_logprobs(params["policy"], config, batch["input_ids"], batch["attention_mask"],
                                       s.prompt_length, temperature=s.temperature, chunk_size=s.chunk_size)
     row_norm = batch.get("row_norm")
+    old = jax.lax.stop_gradient(logp) if s.old_is_current else batch["old_logprobs"]
     if s.algorithm == "rloo":  # advantages are per sequence, broadcast over its tokens
-        pg = sequence_policy_loss(logp, batch["old_logprobs"], batch["advantages"][:, 0], mask, s.cliprange,
-                                     s.cliprange_high)
+        pg = sequence_policy_loss(logp, old, batch["advantages"][:, 0], mask, s.cliprange, s.cliprange_high)
     else:
-        pg = ppo_policy_loss(logp, batch["old_logprobs"], batch["advantages"], mask, s.cliprange,
-                                s.cliprange_high, s.loss_type, row_norm)
+        pg = ppo_policy_loss(logp, old, batch["advantages"], mask, s.cliprange, s.cliprange_high, s.loss_type,
+                             row_norm)
     total = pg["loss"][0]
     out = {  # TRL's names
         "loss/policy_avg": pg["loss"],
@@ -387,33 +394,34 @@ def build(cfg, model, tokenizer) -> Objective:
                     reward=reward_model if reward_model is not None else reward_fn,
                     tokenizer=tokenizer, mesh=mesh, reference=reference, adapters_off=use_lora and need_ref)
     aggregation = loss_type(algorithm, p.loss_type)
+    updates = UpdateSchedule(rows=rows // pc, minibatch_rows=t.batch_size // pc, epochs=p.ppo_epochs,
+                             num_minibatches=p.num_minibatches, seed=t.seed, rollout_size=rows)
+    adv_settings = AdvantageSettings(algorithm=algorithm, kind=p.kl_estimator, kl_in=p.kl_in, gamma=float(p.gamma),
+                                     lam=float(p.lam), whiten_rewards=p.whiten_rewards,
+                                     whiten_advantages=p.whiten_advantages, group_size=p.group_size,
+                                     scale_rewards=p.scale_rewards, whiten_scores=p.whiten_scores)
+    on_policy = old_logprobs_are_current(updates, adv_settings)
     settings = ExperienceSettings(
         rollout=rollout, seed=t.seed, prompts_per_rollout=per_rollout, missing_eos_penalty=p.missing_eos_penalty or 0.0,
-        overlong_cache=p.overlong_cache, overlong_factor=float(p.overlong_penalty_factor),
-        advantages=AdvantageSettings(algorithm=algorithm, kind=p.kl_estimator, kl_in=p.kl_in,
-                                     gamma=float(p.gamma), lam=float(p.lam), whiten_rewards=p.whiten_rewards,
-                                     whiten_advantages=p.whiten_advantages, group_size=p.group_size,
-                                     scale_rewards=p.scale_rewards, whiten_scores=p.whiten_scores),
+        overlong_cache=p.overlong_cache, overlong_factor=float(p.overlong_penalty_factor), advantages=adv_settings,
         drop_uniform_groups=p.drop_uniform_groups, reference_logprobs=beta > 0,
-        row_norm=aggregation == "dapo", chunk_size=t.logprob_chunk)
+        row_norm=aggregation == "dapo", chunk_size=t.logprob_chunk, recompute_logprobs=not on_policy)
     reward_names = tuple(reward_fn.fns) if reward_fn is not None else ()
     if p.overlong_cache:
         if "overlong_penalty" in reward_names:
             raise ConfigError("ppo.reward_fn names a function overlong_penalty, the name under which "
                               "ppo.overlong_cache's penalty is logged; rename the function")
         reward_names += ("overlong_penalty",)
-    stat_names = rollout_stat_names(algorithm, need_ref, kl_in_reward, reward_names)
+    stat_names = rollout_stat_names(algorithm, need_ref, kl_in_reward, reward_names, recomputed=not on_policy)
     batches = RolloutBatches(
-        functools.partial(collect, prompts=prompts, models=models, s=settings),
-        UpdateSchedule(rows=rows // pc, minibatch_rows=t.batch_size // pc, epochs=p.ppo_epochs,
-                       num_minibatches=p.num_minibatches, seed=t.seed, rollout_size=rows),
+        functools.partial(collect, prompts=prompts, models=models, s=settings), updates,
         AdaptiveKLController(p.kl_coef, p.target_kl, p.kl_horizon) if p.adaptive_kl else FixedKLController(p.kl_coef),
         stat_names, len(prompts))
     loss_settings = LossSettings(
         algorithm=algorithm, prompt_length=rollout.prompt_length, temperature=rollout.temperature,
         cliprange=float(p.cliprange), cliprange_high=None if p.epsilon_high is None else float(p.epsilon_high),
         cliprange_value=float(p.cliprange_value), vf_coef=float(p.vf_coef), beta=beta,
-        loss_type=aggregation, chunk_size=t.logprob_chunk, stats=stat_names)
+        loss_type=aggregation, chunk_size=t.logprob_chunk, stats=stat_names, old_is_current=on_policy)
 
     def loss_fn(params, batch, rng):
         return rl_sums(params, batch, loss_settings, model.config, value_config)

@@ -72,7 +72,11 @@ class ExperienceSettings:
     processes (`rows / group_size`); `reference_logprobs`: keep the reference's log-probs in
     the rows (a KL term in the loss); `row_norm`: add each row's share of the rollout's
     response tokens (`loss_type: dapo`); `overlong_cache`, `overlong_factor`: DAPO's overlong
-    penalty in `rollout.score` (`ppo.overlong_cache`, `ppo.overlong_penalty_factor`)."""
+    penalty in `rollout.score` (`ppo.overlong_cache`, `ppo.overlong_penalty_factor`);
+    `recompute_logprobs`: the policy's log-probs of the rollout by a forward pass (the "old"
+    log-probs). Without it the sampler's log-probs stand in for the rollout's KL statistic and
+    the rows' old_logprobs (for a loss whose old log-probs are the current ones, one update
+    per rollout), and entropy and sampler_logprob_error are not measured here."""
 
     rollout: RolloutSettings
     advantages: AdvantageSettings
@@ -85,6 +89,7 @@ class ExperienceSettings:
     reference_logprobs: bool = False
     row_norm: bool = False
     chunk_size: int | None = None
+    recompute_logprobs: bool = True
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -123,6 +128,14 @@ class UpdateSchedule:
     @property
     def steps(self) -> int:
         return self.epochs * self.num_minibatches
+
+
+def old_logprobs_are_current(schedule: UpdateSchedule, a: AdvantageSettings) -> bool:
+    """Whether the PPO "old" log-probs need no forward pass of their own: one update per
+    rollout, of the params that sampled it, and no KL in the reward (which reads them before
+    the update). The update's own log-probs, gradient stopped, are then exactly the old ones
+    (ratio 1, as TRL does then), and the experience pass runs only the reference and value."""
+    return schedule.steps == 1 and not a.kl_in_reward
 
 
 # ---------------------------------------------------------------------------- stages
@@ -193,14 +206,15 @@ def collect(params, k: int, kl_coef: float, prompts: Prompts, models: Models,
     raw, scores, parts = score(batch, texts, models.reward, models.tokenizer, r.prompt_length, s.missing_eos_penalty,
                                s.overlong_cache, s.overlong_factor)
     logp, entropy, ref_logp, values = experience_forward(
-        policy, models.reference_of(policy), params.get("value"), g(batch["input_ids"]), g(batch["attention_mask"]),
-        config=models.config, value_config=models.value_config, prompt_length=r.prompt_length,
-        temperature=r.temperature, chunk_size=s.chunk_size)
+        policy if s.recompute_logprobs else None, models.reference_of(policy), params.get("value"),
+        g(batch["input_ids"]), g(batch["attention_mask"]), config=models.config, value_config=models.value_config,
+        prompt_length=r.prompt_length, temperature=r.temperature, chunk_size=s.chunk_size,
+        sampler_logprobs=None if s.recompute_logprobs else g(batch["sampler_logprobs"]))
     adv, ret, kl, _ = advantages(logp, ref_logp, values, g(scores.astype(np.float32)), g(batch["response_mask"]),
                                  jnp.float32(kl_coef), a)
     m = batch["response_mask"].astype(np.float32)
     explained = float(explained_variance(values, ret, g(m))) if a.algorithm == "ppo" else None
-    logp, entropy, ref_logp, values, adv, ret, kl = map(to_local, (logp, entropy, ref_logp, values, adv, ret, kl))
+    logp, ref_logp, values, adv, ret, kl = map(to_local, (logp, ref_logp, values, adv, ret, kl))
 
     rows = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
             "response_mask": batch["response_mask"], "old_logprobs": logp, "advantages": adv}
@@ -211,14 +225,18 @@ def collect(params, k: int, kl_coef: float, prompts: Prompts, models: Models,
         per_row["reward_std"] = np.repeat(scores.reshape(-1, a.group_size).std(1, ddof=1), a.group_size)
         if s.drop_uniform_groups:  # DAPO's dynamic sampling: no loss on groups without signal
             rows["response_mask"] = rows["response_mask"] * (~zero_std[:, None]).astype(np.int32)
-    tokens = {"entropy": (entropy * m).sum(), "value_mean": (values * m).sum(), "return_mean": (ret * m).sum(),
-              "tokens": m.sum(), "kept_tokens": rows["response_mask"].sum()}
+    tokens = {"value_mean": (values * m).sum(), "return_mean": (ret * m).sum(), "tokens": m.sum(),
+              "kept_tokens": rows["response_mask"].sum()}
+    if s.recompute_logprobs:
+        tokens["entropy"] = (to_local(entropy) * m).sum()
     totals = process_sum([*(np.mean(v) for v in per_row.values()), *tokens.values()])  # one all-gather
     stats = dict(zip(per_row, totals[:len(per_row)] / jax.process_count()))  # means of per-process means
     tok = dict(zip(tokens, totals[len(per_row):]))
     n = max(float(tok["tokens"]), 1.0)
-    stats.update(kl_coef=kl_coef, entropy=tok["entropy"] / n,
-                 sampler_logprob_error=float(np.abs((logp - batch["sampler_logprobs"]) * m).max()))
+    stats["kl_coef"] = kl_coef
+    if s.recompute_logprobs:
+        stats.update(entropy=tok["entropy"] / n,
+                     sampler_logprob_error=float(np.abs((logp - batch["sampler_logprobs"]) * m).max()))
     if a.kl_in_reward:
         stats["non_score_reward"] = -kl_coef * stats["kl"]
     if a.algorithm == "ppo":

@@ -182,12 +182,16 @@ def response_values(value_params, config: ModelConfig, input_ids, attention_mask
 @functools.partial(jax.jit, static_argnames=("config", "value_config", "prompt_length", "temperature", "chunk_size"))
 def experience_forward(policy, reference, value, input_ids, attention_mask, *, config: ModelConfig,
                        value_config: ModelConfig | None, prompt_length: int, temperature: float,
-                       chunk_size: int | None = None):
+                       chunk_size: int | None = None, sampler_logprobs=None):
     """(logp, entropy, ref_logp, values) `[B, N]` of a sampled batch, one jit: the policy's
     log-probs (the PPO "old" ones) and entropy, the reference's log-probs (= logp without a
-    reference) and the value model's values (0 without one)."""
-    logp, entropy = response_logprobs(policy, config, input_ids, attention_mask, prompt_length,
-                                      temperature=temperature, chunk_size=chunk_size)
+    reference) and the value model's values (0 without one). With `policy=None` there is no
+    policy forward: logp is `sampler_logprobs` and entropy None."""
+    if policy is None:
+        logp, entropy = sampler_logprobs, None
+    else:
+        logp, entropy = response_logprobs(policy, config, input_ids, attention_mask, prompt_length,
+                                          temperature=temperature, chunk_size=chunk_size)
     ref_logp = logp if reference is None else response_logprobs(
         reference, config, input_ids, attention_mask, prompt_length, temperature=temperature,
         chunk_size=chunk_size)[0]

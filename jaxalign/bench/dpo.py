@@ -39,9 +39,12 @@ def _side_batch(prompt: np.ndarray, response: np.ndarray, side: str) -> dict[str
 
 def dpo_flops_per_pair(config, prompt_len: int, response_len: int) -> float:
     """Model FLOPs of one pair: policy forward + backward (3 passes) and reference forward (1)
-    over both sequences, at 2 FLOPs per matmul parameter and token plus attention."""
+    over both sequences, at 2 FLOPs per matmul parameter and token plus attention; the LM head
+    counts only at the `response_len` scored positions of each sequence (the only ones it runs on)."""
     t = prompt_len + response_len
-    return 2 * t * train_flops_per_token(config, t) * 4 / 3
+    head = 6 * config.vocab_size * config.hidden_size
+    body = train_flops_per_token(config, t) - head
+    return 2 * (t * body + response_len * head) * 4 / 3
 
 
 def bench_dpo(batch: int, prompt_len: int, response_len: int, iters: int, with_trl: bool,

@@ -9,7 +9,8 @@ runs (`jaxalign.algos.rl_loop`, `jaxalign.algos.rollout`), each phase timed on i
 * score: `rollout.score`: GRPO the `module:function` reward `jaxalign.data.arithmetic:reward` on
   the decoded completions, PPO a reward model (the checkpoint's decoder with a random score head,
   `heads.load_reward_model`) at the last token;
-* experience: `rollout.experience_forward`: the policy's (old) log-probs, the reference's log-probs
+* experience: `rollout.experience_forward`: the policy's (old) log-probs (not with one update per
+  rollout and no KL in the reward: `rl_loop.old_logprobs_are_current`), the reference's log-probs
   (a frozen copy of the start policy; GRPO only with `--grpo-beta` > 0) and PPO's values (the
   value model `ppo.value_params` picks by default: the reward model's decoder and head, copied);
 * advantages: `rl_loop.advantages` (PPO: KL-shaped rewards, GAE, whitening; GRPO: group
@@ -82,7 +83,7 @@ def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int
     import jaxalign as ja
     from jaxalign.algos import ppo
     from jaxalign.algos.rl_loop import (AdvantageSettings, UpdateSchedule, advantages, minibatch_indices,
-                                        rollout_prompts)
+                                        old_logprobs_are_current, rollout_prompts)
     from jaxalign.algos.rollout import (RewardFunctions, RewardModel, RolloutSettings, experience_forward,
                                         prompt_batch, sample, score, to_local)
     from jaxalign.config import Config, OptimSection, PPOSection
@@ -125,10 +126,14 @@ def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int
     need_ref = is_ppo or beta > 0
     reference = jax.tree.map(jnp.copy, model.params) if need_ref else None
 
+    updates = UpdateSchedule(rows=rows, minibatch_rows=rows // minibatches, epochs=epochs,
+                             num_minibatches=minibatches, seed=0, rollout_size=rows)
+    on_policy = old_logprobs_are_current(updates, adv_settings)
     aggregation = ppo.loss_type(algorithm, p.loss_type)
     loss_settings = ppo.LossSettings(
         algorithm=algorithm, prompt_length=prompt_len, temperature=rollout.temperature, cliprange=float(p.cliprange),
-        cliprange_value=float(p.cliprange_value), vf_coef=float(p.vf_coef), beta=beta, loss_type=aggregation)
+        cliprange_value=float(p.cliprange_value), vf_coef=float(p.vf_coef), beta=beta, loss_type=aggregation,
+        old_is_current=on_policy)
     optimizer, schedule = make_optimizer(OptimSection(learning_rate=1e-6), 1000)
     loss_fn = lambda params, batch, rng: ppo.rl_sums(params, batch, loss_settings, config, value_config)  # noqa: E731
     tree = {"policy": model.params} if value is None else {"policy": model.params, "value": value}
@@ -136,8 +141,6 @@ def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int
     step = jax.jit(make_train_step(loss_fn, optimizer, schedule, combine), donate_argnums=0)
     holder = {"state": init_state(trainable, optimizer, 0)}
     del model, tree, trainable
-    updates = UpdateSchedule(rows=rows, minibatch_rows=rows // minibatches, epochs=epochs,
-                             num_minibatches=minibatches, seed=0, rollout_size=rows)
     seed, kl_coef = 0, jnp.float32(p.kl_coef)
 
     def iteration(k: int) -> dict[str, float]:
@@ -150,9 +153,10 @@ def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int
         marks.append(time.perf_counter())  # generate (host arrays: already synchronized)
         _, scores, _ = score(batch, texts, reward, tokenizer, prompt_len, p.missing_eos_penalty or 0.0)
         marks.append(time.perf_counter())  # score (host arrays)
-        out = experience_forward(policy, reference, params.get("value"), batch["input_ids"], batch["attention_mask"],
-                                 config=config, value_config=value_config, prompt_length=prompt_len,
-                                 temperature=rollout.temperature)
+        out = experience_forward(None if on_policy else policy, reference, params.get("value"), batch["input_ids"],
+                                 batch["attention_mask"], config=config, value_config=value_config,
+                                 prompt_length=prompt_len, temperature=rollout.temperature,
+                                 sampler_logprobs=batch["sampler_logprobs"] if on_policy else None)
         jax.block_until_ready(out)
         marks.append(time.perf_counter())  # experience
         logp, _, ref_logp, values = out
@@ -197,6 +201,7 @@ def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int
         "epochs": epochs, "minibatches": minibatches, "update_steps": updates.steps, "iters": iters,
         "reward": reward_name, "value_model": "reward model's decoder + head" if is_ppo else None,
         "reference": need_ref, "beta": beta, "kl_coef": float(p.kl_coef) if is_ppo else None,
+        "old_logprobs_forward": not on_policy,
         "first_iteration_s": round(first_s, 2),
         "first_iteration_ms": {ph: round(1e3 * float(first[ph]), 2) for ph in PHASES},
         "iteration_ms": round(1e3 * mean["wall"], 2),
