@@ -815,3 +815,17 @@ def test_pair_batches_carry_each_sides_scored_positions():
     b = pad_pairs([no_prompt, None], 16, 0)
     assert b["chosen_score_at"].tolist() == [[0, 1] + [-1] * 14, [-1] * 16]  # token 0 has nothing to predict it
     assert b["rejected_score_at"].tolist() == [[-1] * 16, [-1] * 16]
+
+
+@pytest.mark.parametrize("fn, kwargs, message", [
+    ("tokenize_prompts", {"max_prompt_length": 8, "truncation": "drop"}, "prompt truncation must be 'left' or 'skip'"),
+    ("tokenize_prompts", {"max_prompt_length": 8, "on_bad_row": "skip"}, "on_bad_row must be 'drop' or 'error'"),
+    ("tokenize_sft", {"truncation": "left"}, "truncation must be 'truncate' or 'drop'"),
+    ("tokenize_sft", {"max_length": 1}, "max_length must be at least 2"),
+])
+def test_bad_tokenize_options_are_named(fn, kwargs, message):
+    """Each tokenizer's options are checked before any row is read, naming the valid values."""
+    import jaxalign.data as data
+
+    with pytest.raises(DataError, match=message):
+        getattr(data, fn)([{"prompt": "1+1="}], None, **kwargs)

@@ -508,9 +508,12 @@ def sft_pieces(row: Mapping, fmt: str, tokenizer, completion_only: bool = True, 
     raise DataError(f"unknown SFT format {fmt!r}; expected one of {SFT_FORMATS}")
 
 
-def _check_options(truncation: str, on_bad_row: str, max_length) -> None:
-    if truncation not in ("truncate", "drop"):
-        raise DataError(f"truncation must be 'truncate' or 'drop', got {truncation!r}")
+def _check_options(truncation: str, on_bad_row: str, max_length, truncations=("truncate", "drop"),
+                   what: str = "truncation") -> None:
+    """DataError for a `truncation` outside `truncations` (named `what`), a bad `on_bad_row`
+    or a `max_length` under 2."""
+    if truncation not in truncations:
+        raise DataError(f"{what} must be {' or '.join(map(repr, truncations))}, got {truncation!r}")
     if on_bad_row not in ("drop", "error"):
         raise DataError(f"on_bad_row must be 'drop' or 'error', got {on_bad_row!r}")
     if max_length is not None and max_length < 2:
@@ -906,10 +909,7 @@ def tokenize_prompts(
     counted in ``stats.truncated``; ``"skip"`` drops the row (reason ``too_long``).
     ``on_bad_row``, ``columns``, ``system_prompt``: as for :func:`tokenize_sft`.
     """
-    if truncation not in ("left", "skip"):
-        raise DataError(f"prompt truncation must be 'left' or 'skip', got {truncation!r}")
-    if on_bad_row not in ("drop", "error"):
-        raise DataError(f"on_bad_row must be 'drop' or 'error', got {on_bad_row!r}")
+    _check_options(truncation, on_bad_row, None, ("left", "skip"), "prompt truncation")
 
     def one(row, stats):
         prompt = prompt_of(row, system_prompt)
