@@ -39,7 +39,7 @@ MODEL_COMMANDS = ("train", "bench", "pipeline", "generate", "eval", "label", "ca
 
 def main(argv: list[str] | None = None) -> int:
     """The command line. From the shell (argv None), model commands first re-execute the
-    process with the allocator setting of `jaxalign.runtime`."""
+    process with the opt-in allocator setting of `jaxalign.runtime` (`JAXALIGN_MALLOC_TUNING=1`)."""
     if argv is None and len(sys.argv) > 1 and sys.argv[1] in MODEL_COMMANDS:
         from jaxalign.runtime import reexec_with_malloc_tuning
 

@@ -5,10 +5,11 @@ large `malloc` that glibc serves with a fresh `mmap` and returns with `munmap`, 
 step page-faults it in again 4 KiB at a time: about half a million faults per step. With
 glibc's `hugetlb` tunable those mappings are advised as transparent huge pages (2 MiB), which
 cuts the faults from ~511k to ~1.9k per step (`jaxalign bench sft` reports
-`page_faults_per_step`); the step-time gain is smaller than this VM's run-to-run noise
-(docs/benchmarks.md). Tunables are read by the dynamic loader at start-up, so the command
-re-executes itself once with the setting. `JAXALIGN_MALLOC_TUNING=0`, or a `GLIBC_TUNABLES`
-the user already set, leaves the process as it is.
+`page_faults_per_step`). Fewer faults did not make steps faster: interleaved runs on a 2-core
+VM measured SFT, DPO and GRPO-update steps 3-75% *slower* with it (docs/benchmarks.md), so it
+is opt-in: with `JAXALIGN_MALLOC_TUNING=1` the command re-executes itself once with the setting
+(tunables are read by the dynamic loader at start-up). A `GLIBC_TUNABLES` the user already
+set is left as it is.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ MALLOC_TUNABLES = "glibc.malloc.hugetlb=1"
 
 def malloc_tuning_wanted(environ=os.environ) -> bool:
     """True when the process should re-execute with `MALLOC_TUNABLES`: Linux with glibc,
-    not opted out, and no `GLIBC_TUNABLES` set (by the user or by an earlier re-exec)."""
+    opted in (`JAXALIGN_MALLOC_TUNING=1`), and no `GLIBC_TUNABLES` set (by the user or by an
+    earlier re-exec)."""
     return (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"
-            and environ.get("JAXALIGN_MALLOC_TUNING", "1") != "0" and "GLIBC_TUNABLES" not in environ)
+            and environ.get("JAXALIGN_MALLOC_TUNING", "0") == "1" and "GLIBC_TUNABLES" not in environ)
 
 
 def reexec_with_malloc_tuning() -> None:

@@ -101,6 +101,8 @@ def test_cli_parser_accepts_bench_rl():
                                        "--checkpoint", "example:smollm2", "--iters", "5", "--out", "x.jsonl"])
     assert (args.prompts, args.group, args.algos, args.checkpoint, args.iters, args.out) == (
         2, 3, "ppo", "example:smollm2", 5, "x.jsonl")
+    assert not args.recompute_old_logprobs
+    assert _bench_parser().parse_args(["bench", "rl", "--recompute-old-logprobs"]).recompute_old_logprobs
 
 
 def test_bench_rl_times_every_phase_and_they_add_up(hf_model, tmp_path, capsys):
@@ -126,3 +128,16 @@ def test_bench_rl_times_every_phase_and_they_add_up(hf_model, tmp_path, capsys):
     grpo, ppo = results
     assert (grpo["prompts"], grpo["samples_per_prompt"], ppo["prompts"], ppo["samples_per_prompt"]) == (2, 2, 4, 1)
     assert grpo["reward"] == "jaxalign.data.arithmetic:reward" and ppo["value_model"] is not None
+
+
+def test_bench_rl_skips_the_old_logprob_forward_as_training_does(hf_model):
+    """With one update per rollout GRPO (KL in the loss) skips the policy's experience forward,
+    PPO (KL in the reward) does not; --recompute-old-logprobs runs it for GRPO too."""
+    _, path = hf_model("llama")
+    argv = ["bench", "rl", "--checkpoint", path, "--prompts", "2", "--group", "2", "--prompt-len", "8",
+            "--new-tokens", "4", "--iters", "1", "--minibatches", "1"]
+    grpo, ppo = bench.run(_bench_parser().parse_args(argv))
+    assert grpo["update_steps"] == ppo["update_steps"] == 1
+    assert not grpo["old_logprobs_forward"] and ppo["old_logprobs_forward"]
+    (forced,) = bench.run(_bench_parser().parse_args(argv + ["--algos", "grpo", "--recompute-old-logprobs"]))
+    assert forced["old_logprobs_forward"]

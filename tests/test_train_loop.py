@@ -42,20 +42,22 @@ def test_cli_reports_config_errors_without_traceback(tmp_path):
     assert "Traceback" not in out.stderr
 
 
-def test_model_commands_restart_with_the_allocator_setting(tmp_path):
-    """From the shell, `jaxalign train` re-executes itself once with GLIBC_TUNABLES set
-    (jaxalign.runtime) and then runs normally; the opt-out leaves the process alone."""
+def test_model_commands_restart_with_the_allocator_setting_when_asked(tmp_path):
+    """From the shell, `jaxalign train` with JAXALIGN_MALLOC_TUNING=1 re-executes itself once
+    with GLIBC_TUNABLES set (jaxalign.runtime) and then runs normally; by default the process
+    is left alone."""
     from jaxalign.runtime import MALLOC_TUNABLES, malloc_tuning_wanted
 
     code = ("import os, sys; print('tunables', os.environ.get('GLIBC_TUNABLES'), flush=True); "
             "sys.argv = ['jaxalign', 'train', 'missing.yaml']; from jaxalign.cli import main; sys.exit(main())")
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "JAXALIGN_MALLOC_TUNING")}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env={**env, "JAXALIGN_MALLOC_TUNING": "1"},
+                         capture_output=True, text=True, timeout=120)
     assert out.stdout.splitlines() == ["tunables None", f"tunables {MALLOC_TUNABLES}"]
     assert out.returncode == 2 and "missing.yaml" in out.stderr
-    opted_out = subprocess.run([sys.executable, "-c", code], env={**env, "JAXALIGN_MALLOC_TUNING": "0"},
-                               capture_output=True, text=True, timeout=120)
-    assert opted_out.stdout.splitlines() == ["tunables None"]
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert default.stdout.splitlines() == ["tunables None"]
+    assert default.returncode == 2 and "missing.yaml" in default.stderr
     assert not malloc_tuning_wanted({"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"})
 
 

@@ -83,6 +83,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     rl.add_argument("--grpo-beta", type=float, default=0.04,
                     help="GRPO's KL-to-reference loss weight (0: no reference forward in the experience phase)")
     rl.add_argument("--algos", default="grpo,ppo", help="comma-separated, of: grpo, ppo")
+    rl.add_argument("--recompute-old-logprobs", action="store_true",
+                    help="run the policy's old-log-prob forward even with one update per rollout and the KL in "
+                         "the loss, where training skips it (to measure the saving)")
     rl.add_argument("--checkpoint", default=None, help=checkpoint)
     rl.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="auto: bfloat16 on GPU/TPU, float32 on CPU")
@@ -119,7 +122,7 @@ def run(args: argparse.Namespace) -> list[dict]:
     elif args.which == "rl":
         results = bench_rl(checkpoint, args.prompts, args.group, args.prompt_len, args.new_tokens, args.iters,
                            tuple(a for a in args.algos.split(",") if a), args.epochs, args.minibatches, args.grpo_beta,
-                           args.compute_dtype)
+                           args.compute_dtype, args.recompute_old_logprobs)
     else:
         results = [bench_memory(args.batch, args.seq, checkpoint, tuple(args.variants.split(",")))]
     for result in results:

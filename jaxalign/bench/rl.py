@@ -77,9 +77,10 @@ def _prompts(vocab_size: int, count: int, prompt_len: int):
 
 def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int, prompt_len: int, new_tokens: int,
                        iters: int, epochs: int = 1, minibatches: int = 2, grpo_beta: float = 0.04,
-                       compute_dtype: str = "auto") -> dict:
+                       compute_dtype: str = "auto", recompute_old_logprobs: bool = False) -> dict:
     """Per-phase ms of one `algorithm` ("grpo" | "ppo") iteration on `checkpoint` (an HF dir):
-    the mean over `iters` iterations after a first (compiling) one."""
+    `recompute_old_logprobs` runs the policy's forward in the experience phase even where the
+    training loop skips it (to measure what skipping saves); the mean over `iters` iterations after a first (compiling) one."""
     import jaxalign as ja
     from jaxalign.algos import ppo
     from jaxalign.algos.rl_loop import (AdvantageSettings, UpdateSchedule, advantages, minibatch_indices,
@@ -128,7 +129,7 @@ def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int
 
     updates = UpdateSchedule(rows=rows, minibatch_rows=rows // minibatches, epochs=epochs,
                              num_minibatches=minibatches, seed=0, rollout_size=rows)
-    on_policy = old_logprobs_are_current(updates, adv_settings)
+    on_policy = not recompute_old_logprobs and old_logprobs_are_current(updates, adv_settings)
     aggregation = ppo.loss_type(algorithm, p.loss_type)
     loss_settings = ppo.LossSettings(
         algorithm=algorithm, prompt_length=prompt_len, temperature=rollout.temperature, cliprange=float(p.cliprange),
@@ -218,7 +219,7 @@ def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int
 
 def bench_rl(checkpoint: str | None = None, prompts: int = 8, group: int = 4, prompt_len: int = 32,
              new_tokens: int = 32, iters: int = 2, algos=ALGOS, epochs: int = 1, minibatches: int = 2,
-             grpo_beta: float = 0.04, compute_dtype: str = "auto") -> list[dict]:
+             grpo_beta: float = 0.04, compute_dtype: str = "auto", recompute_old_logprobs: bool = False) -> list[dict]:
     """One result per algorithm in `algos` (see `bench_rl_algorithm`); default checkpoint: the
     random 56M bench model."""
     for a in algos:
@@ -232,7 +233,7 @@ def bench_rl(checkpoint: str | None = None, prompts: int = 8, group: int = 4, pr
         checkpoint = make_bench_checkpoint(tmp.name)
     try:
         results = [bench_rl_algorithm(a, checkpoint, prompts, group, prompt_len, new_tokens, iters, epochs,
-                                      minibatches, grpo_beta, compute_dtype) for a in algos]
+                                      minibatches, grpo_beta, compute_dtype, recompute_old_logprobs) for a in algos]
     finally:
         if tmp is not None:
             tmp.cleanup()
