@@ -74,6 +74,12 @@ def sequence_logps(params, config, batch: dict, chunk_size: int | None = None):
     return jnp.sum(jnp.where(m, logp, 0.0), axis=1), jnp.sum(m, axis=1).astype(jnp.float32)
 
 
+def per_token_nll(logps, lengths):
+    """Negative log-likelihood per response token `[N]` from `sequence_logps`' sums and lengths
+    (0 for an empty response): the NLL term of RPO, ORPO and KTO's `nll_alpha`."""
+    return -logps / jnp.maximum(lengths, 1.0)
+
+
 def pair_logps(params, config, batch: dict, chunk_size: int | None = None, sides: tuple[str, str] = SIDES):
     """`(chosen_logps [B], rejected_logps [B], chosen_lengths [B], rejected_lengths [B])` of a
     preference batch (or of two other `sides`), from one forward pass over both concatenated."""
@@ -158,7 +164,7 @@ def dpo_pair_outputs(params, config, batch: dict, *, reference: str, d, chunk_si
 
     policy, ref_params = split_reference(params, reference)
     pc, pr, lc, lr = pair_logps(policy, config, batch, chunk_size)
-    nll = -pc / jnp.maximum(lc, 1.0)
+    nll = per_token_nll(pc, lc)
     if reference == "none":
         rc = rr = None
     elif reference == "precomputed":

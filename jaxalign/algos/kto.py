@@ -31,7 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxalign.algos.dpo import live_reference, pair_logps, reference_hooks, sequence_logps, split_reference
+from jaxalign.algos.dpo import (live_reference, pair_logps, per_token_nll, reference_hooks, sequence_logps,
+                                split_reference)
 from jaxalign.algos.preference_losses import kto, kto_reference_point
 from jaxalign.algos.pairs import SIDES, PairBatches, check_batch_size, masked_sums, pair_iterator, side_arrays
 from jaxalign.data.batching import BATCH_KEYS, SCORE_AT, bucket_for, pad_pairs, pairs_score_width
@@ -96,7 +97,7 @@ def kto_outputs(params, config, batch: dict, *, reference: str, k, chunk_size: i
     losses, rewards = kto(logps, jax.lax.stop_gradient(ref_logps), good, z0, beta=k.beta,
                           desirable_weight=k.desirable_weight, undesirable_weight=k.undesirable_weight,
                           loss_type=k.loss_type)
-    nll = -logps / jnp.maximum(lengths, 1.0)
+    nll = per_token_nll(logps, lengths)
     if k.nll_alpha:
         losses = losses + k.nll_alpha * jnp.where(good, nll, 0.0)
     return {"loss": losses, "rewards": rewards, "logps": logps, "valid": valid, "kl": z0, "nll": nll}
@@ -191,8 +192,8 @@ def build(cfg, model, tokenizer):
         "train data": {**stats.as_dict(), "desirable": n_good, "undesirable": n_bad,
                        "left_out_per_epoch": train_batches.left_out_per_epoch},
         "batch shapes (local examples, T)": train_batches.shapes,
-        "kto": f"loss_type={k.loss_type} beta={k.beta} nll_alpha={k.nll_alpha} desirable_weight={k.desirable_weight} undesirable_weight={k.undesirable_weight} "
-               f"reference={reference}",
+        "kto": f"loss_type={k.loss_type} beta={k.beta} nll_alpha={k.nll_alpha} "
+               f"desirable_weight={k.desirable_weight} undesirable_weight={k.undesirable_weight} reference={reference}",
         "reference memory": memory,
     }
     if eval_stats is not None:

@@ -79,8 +79,9 @@ def bench_rl_algorithm(algorithm: str, checkpoint: str, prompts: int, group: int
                        iters: int, epochs: int = 1, minibatches: int = 2, grpo_beta: float = 0.04,
                        compute_dtype: str = "auto", recompute_old_logprobs: bool = False) -> dict:
     """Per-phase ms of one `algorithm` ("grpo" | "ppo") iteration on `checkpoint` (an HF dir):
-    `recompute_old_logprobs` runs the policy's forward in the experience phase even where the
-    training loop skips it (to measure what skipping saves); the mean over `iters` iterations after a first (compiling) one."""
+    the mean over `iters` iterations after a first (compiling) one. `recompute_old_logprobs`
+    runs the policy's forward in the experience phase even where the training loop skips it
+    (to measure what skipping saves)."""
     import jaxalign as ja
     from jaxalign.algos import ppo
     from jaxalign.algos.rl_loop import (AdvantageSettings, UpdateSchedule, advantages, minibatch_indices,
